@@ -1,0 +1,1 @@
+"""Commands and runners that tie showtell's pipelines together."""

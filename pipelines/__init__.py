@@ -1,0 +1,1 @@
+"""Beam pipelines (preprocess, later evaluation) and the data steps around them."""

@@ -1,0 +1,34 @@
+"""showtell: Show and Tell (im2txt) as a scalable Beam + Ray Train pipeline."""
+from setuptools import find_packages, setup
+
+setup(
+    name="showtell",
+    version="0.1.0",
+    description="Google's Show and Tell image captioner as a Beam + tf.Transform + Ray Train pipeline",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["pipelines*", "trainer*", "orchestration*", "schemas*"]),
+    package_data={"schemas": ["*.pbtxt"], "": ["*.yaml"]},
+    install_requires=[
+        # The user's chosen stack.
+        "apache-beam>=2.60",
+        "tensorflow>=2.16",
+        "tensorflow-transform>=1.16",
+        "ray[train]>=2.40",
+        "pyarrow>=14",
+        "fsspec>=2024.2",
+        # Supporting libraries.
+        "aiohttp>=3.9",  # fsspec's http(s):// filesystem
+        "google-crc32c>=1.5",  # TFRecord framing checksums
+        "nltk>=3.8",  # im2txt's tokenizer
+        "pillow>=10",  # image header checks, sample data, re-encoding unreadable JPEGs
+        "pydantic>=2.5",  # typed config schema
+        "pyyaml>=6",
+        "tqdm>=4.66",  # progress bars on a terminal
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.2"],
+        "gcs": ["gcsfs"],
+        "s3": ["s3fs"],
+    },
+    entry_points={"console_scripts": ["showtell=orchestration.cli:main"]},
+)

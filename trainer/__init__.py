@@ -1,0 +1,1 @@
+"""The Show and Tell model and its Ray Train training loop."""
