@@ -57,7 +57,7 @@ def encode_sequence_example(image_id: int, jpeg: bytes, tokens: Sequence[str], i
             CAPTION_IDS_KEY: feature_pb2.FeatureList(feature=caption_ids),
         }
     )
-    return example_pb2.SequenceExample(context=context, feature_lists=lists).SerializeToString()
+    return example_pb2.SequenceExample(context=context, feature_lists=lists).SerializeToString(deterministic=True)
 
 
 def decode_sequence_example(serialized: bytes) -> dict:

@@ -1,0 +1,343 @@
+"""The preprocessing pipeline: mirrored MSCOCO -> im2txt's sharded SequenceExample TFRecords.
+
+    captions JSON (x2) ──expand──> images with split + tokens ──┬─ train tokens ─> tf.Transform vocabulary
+                                                                 │                      │ (side input)
+                                                                 └─ check image bytes ──┴─> records ─> shards
+
+`build_preprocess_pipeline` is the pure factory (it only adds transforms to a Pipeline);
+`run_preprocess` is the runner: it checks the inputs, runs the pipeline into a staging folder,
+completes the shard set, writes the report, and only then moves everything to
+`<run_root>/data/`, so a failed run never leaves half-written outputs there.
+
+Records go to shards by a hash of (seed, image id, annotation id) and are sorted by it inside a
+shard, so the same input always gives byte-identical shards, whatever the runner's ordering.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import apache_beam as beam
+import fsspec
+
+from pipelines import images as image_checks
+from pipelines.beam_options import pipeline_options
+from pipelines.captions import AnnotationSource, CaptionedImage, is_unsafe_zip_name, read_captions_file
+from pipelines.vocabulary import AnalyzeVocabulary, Vocabulary, parse_word_counts
+from pipelines.zips import member_names, read_member
+from schemas import records
+from schemas.config import ANNOTATIONS_ZIP, TRAIN_IMAGES_ZIP, VAL_IMAGES_ZIP, Config, join_url
+from schemas.errors import ShowtellError
+from schemas.tfrecord import write_records
+
+log = logging.getLogger("showtell.preprocess")
+
+WORD_COUNTS_FILE = "word_counts.txt"
+REPORT_FILE = "preprocess_report.json"
+COUNTS_FILE = "counts.json"  # the pipeline's raw tallies, folded into the report by the runner
+SCHEMA_FILE = "schema.pbtxt"
+
+_COUNTS = "counts"  # tag of the side output that carries tallies
+
+
+@dataclass(frozen=True)
+class PreprocessPlan:
+    """Everything the pipeline needs, resolved from config: plain values, picklable."""
+
+    sources: tuple[AnnotationSource, ...]  # the two captions files and their image zips
+    output_dir: str  # where shards, word_counts.txt, transform_fn/ and counts.json are written
+    shards: tuple[tuple[str, int], ...]  # (split, number of shard files), e.g. (("train", 256), ...)
+    min_word_count: int  # vocabulary frequency threshold
+    max_image_pixels: int  # larger images are skipped
+    shuffle_seed: int  # seed of the record -> shard assignment
+
+
+def plan_from_config(config: Config, output_dir: str) -> PreprocessPlan:
+    mirror = config.data.mirror
+    annotations = join_url(mirror, ANNOTATIONS_ZIP)
+    sources = (
+        AnnotationSource(annotations, "annotations/captions_train2014.json", join_url(mirror, TRAIN_IMAGES_ZIP), "train2014", True),
+        AnnotationSource(annotations, "annotations/captions_val2014.json", join_url(mirror, VAL_IMAGES_ZIP), "val2014", False),
+    )
+    shards = config.data.shards
+    return PreprocessPlan(
+        sources=sources,
+        output_dir=output_dir,
+        shards=(("train", shards.train), ("val", shards.val), ("test", shards.test)),
+        min_word_count=config.data.min_word_count,
+        max_image_pixels=config.data.max_image_pixels,
+        shuffle_seed=config.data.shuffle_seed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline steps (module-level functions and DoFns, so every runner can pickle them)
+
+
+def _tally(key: str, count: int = 1) -> beam.pvalue.TaggedOutput:
+    return beam.pvalue.TaggedOutput(_COUNTS, (key, count))
+
+
+def expand_source(source: AnnotationSource) -> Iterator:
+    """One captions file -> its images (main output) and tallies of what was dropped."""
+    expanded = read_captions_file(source)
+    yield _tally("annotations/orphan_annotations", expanded.orphan_annotations)
+    yield _tally("annotations/blank_captions_dropped", expanded.blank_captions)
+    yield _tally("annotations/duplicate_image_ids", expanded.duplicate_images)
+    yield from expanded.images
+
+
+class CheckImageFn(beam.DoFn):
+    """Reads an image out of its zip and checks it; kept images go on, skips become tallies."""
+
+    def __init__(self, max_pixels: int):
+        self._max_pixels = max_pixels
+
+    def process(self, image: CaptionedImage) -> Iterator:
+        split, num_captions = image.split, len(image.captions)
+        yield _tally(f"{split}/images/listed")
+        yield _tally(f"{split}/captions/listed", num_captions)
+        verdict = self._verdict(image)
+        if verdict.skip_reason:
+            yield _tally(f"{split}/images/skipped/{verdict.skip_reason}")
+            yield _tally(f"{split}/captions/skipped/{verdict.skip_reason}", num_captions)
+            return
+        yield _tally(f"{split}/images/written")
+        if verdict.reencoded:
+            yield _tally(f"{split}/images/reencoded/{verdict.source_format}")
+        yield image, verdict.jpeg
+
+    def _verdict(self, image: CaptionedImage) -> image_checks.ImageVerdict:
+        if image.member is None:
+            return image_checks.ImageVerdict(None, image_checks.UNSAFE_NAME)
+        if not image.captions:
+            return image_checks.ImageVerdict(None, image_checks.NO_CAPTIONS)
+        return image_checks.check_image(read_member(image.images_zip, image.member), self._max_pixels)
+
+
+def shuffle_key(seed: int, image_id: int, annotation_id: int) -> bytes:
+    """A record's stable place in the shuffle: decides its shard and its order inside it."""
+    return hashlib.sha256(f"{seed}:{image_id}:{annotation_id}".encode()).digest()
+
+
+def to_records(item: tuple[CaptionedImage, bytes], vocabulary: Vocabulary, seed: int, shards: dict[str, int]) -> Iterator:
+    """One kept image -> ((split, shard), (shuffle key, serialized record)) per caption."""
+    image, jpeg = item
+    for caption in image.captions:
+        key = shuffle_key(seed, image.image_id, caption.annotation_id)
+        shard = int.from_bytes(key[:8], "big") % shards[image.split]
+        record = records.encode_sequence_example(image.image_id, jpeg, caption.tokens, vocabulary.ids(caption.tokens))
+        yield (image.split, shard), (key, record)
+
+
+def write_shard(grouped: tuple[tuple[str, int], Iterable[tuple[bytes, bytes]]], output_dir: str, shards: dict[str, int]):
+    """Writes one shard file, records in shuffle-key order; yields a tally of records written."""
+    (split, index), keyed_records = grouped
+    ordered = sorted(keyed_records, key=lambda pair: pair[0])
+    with fsspec.open(join_url(output_dir, records.shard_name(split, index, shards[split])), "wb") as handle:
+        written = write_records(handle, (record for _, record in ordered))
+    yield f"{split}/records/written", written
+
+
+def write_text(text: str, url: str) -> None:
+    with fsspec.open(url, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def build_preprocess_pipeline(pipeline: beam.Pipeline, plan: PreprocessPlan) -> None:
+    """Adds the preprocessing transforms to `pipeline` (inside a tf.Transform Context)."""
+    import tensorflow_transform.beam as tft_beam
+
+    shards = dict(plan.shards)
+    expanded = (
+        pipeline
+        | "AnnotationFiles" >> beam.Create(plan.sources)
+        | "ExpandCaptions" >> beam.FlatMap(expand_source).with_outputs(_COUNTS, main="images")
+    )
+    listed = expanded.images | "SpreadImages" >> beam.Reshuffle()
+
+    train_tokens = listed | "TrainTokens" >> beam.FlatMap(
+        lambda image: [caption.tokens for caption in image.captions] if image.split == "train" else []
+    )
+    transform_fn, vocabulary = train_tokens | "Vocabulary" >> AnalyzeVocabulary(plan.min_word_count)
+    _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(plan.output_dir)
+    _ = (
+        vocabulary
+        | "FormatWordCounts" >> beam.Map(Vocabulary.to_word_counts)
+        | "WriteWordCounts" >> beam.Map(write_text, join_url(plan.output_dir, WORD_COUNTS_FILE))
+    )
+
+    checked = listed | "CheckImages" >> beam.ParDo(CheckImageFn(plan.max_image_pixels)).with_outputs(
+        _COUNTS, main="kept"
+    )
+    written = (
+        checked.kept
+        | "ToRecords" >> beam.FlatMap(to_records, beam.pvalue.AsSingleton(vocabulary), plan.shuffle_seed, shards)
+        | "GroupByShard" >> beam.GroupByKey()
+        | "WriteShards" >> beam.FlatMap(write_shard, plan.output_dir, shards)
+    )
+    _ = (
+        (expanded[_COUNTS], checked[_COUNTS], written)
+        | "AllTallies" >> beam.Flatten()
+        | "SumTallies" >> beam.CombinePerKey(sum)
+        | "CollectTallies" >> beam.combiners.ToDict()
+        | "ToJson" >> beam.Map(lambda tallies: json.dumps(tallies, sort_keys=True))
+        | "WriteTallies" >> beam.Map(write_text, join_url(plan.output_dir, COUNTS_FILE))
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner
+
+
+def _check_inputs(plan: PreprocessPlan) -> dict[str, int]:
+    """Fails fast, before any Beam work, on missing or malformed inputs; counts hostile zip names."""
+    for source in plan.sources:
+        if not fsspec.core.url_to_fs(source.annotations_zip)[0].exists(source.annotations_zip):
+            raise ShowtellError(f"{source.annotations_zip}: not found (run `showtell download` first)")
+        if not fsspec.core.url_to_fs(source.images_zip)[0].exists(source.images_zip):
+            raise ShowtellError(f"{source.images_zip}: not found (run `showtell download` first)")
+        read_captions_file(source)  # raises ShowtellError naming the file on malformed JSON
+    unsafe = sum(
+        is_unsafe_zip_name(name) for zip_url in {s.images_zip for s in plan.sources} for name in member_names(zip_url)
+    )
+    return {"annotations/unsafe_zip_members_ignored": unsafe}
+
+
+def _nest(flat: dict[str, int]) -> dict:
+    """{"train/images/skipped/empty_file": 1} -> {"train": {"images": {"skipped": {"empty_file": 1}}}}."""
+    tree: dict = {}
+    for key, value in sorted(flat.items()):
+        *path, leaf = key.split("/")
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def build_report(tallies: dict[str, int], plan: PreprocessPlan, vocabulary: Vocabulary, seconds: float) -> dict:
+    """The preprocess report; raises if any split's counts don't add up (listed = written + skipped)."""
+    nested = _nest(tallies)
+    splits = {}
+    for split, num_shards in plan.shards:
+        counts = nested.get(split, {})
+        images, captions = counts.get("images", {}), counts.get("captions", {})
+        written_records = counts.get("records", {}).get("written", 0)
+        entry = {
+            "shards": num_shards,
+            "images": {
+                "listed": images.get("listed", 0),
+                "written": images.get("written", 0),
+                "skipped": images.get("skipped", {}),
+                "reencoded": images.get("reencoded", {}),
+            },
+            "captions": {
+                "listed": captions.get("listed", 0),
+                "written": written_records,
+                "skipped": captions.get("skipped", {}),
+            },
+            "records_written": written_records,
+        }
+        for unit in ("images", "captions"):
+            part = entry[unit]
+            if part["listed"] != part["written"] + sum(part["skipped"].values()):
+                raise RuntimeError(f"preprocess report does not add up for {split} {unit}: {part}")
+        splits[split] = entry
+    return {
+        "splits": splits,
+        "vocabulary": {
+            "words": len(vocabulary.words),
+            "unknown_id": vocabulary.unknown_id,
+            "min_word_count": plan.min_word_count,
+        },
+        "annotations": nested.get("annotations", {}),
+        "records_written": sum(s["records_written"] for s in splits.values()),
+        "output_dir": plan.output_dir,
+        "seconds": round(seconds, 1),
+    }
+
+
+def _complete_shard_set(plan: PreprocessPlan) -> None:
+    """Every shard file exists, even when no record hashed into it (an empty TFRecord file)."""
+    fs, root = fsspec.core.url_to_fs(plan.output_dir)
+    for split, num_shards in plan.shards:
+        for name in records.shard_names(split, num_shards):
+            path = f"{root}/{name}"
+            if not fs.exists(path):
+                fs.touch(path)
+
+
+def _commit(staging: str, final: str) -> None:
+    """Replaces `final` by `staging` (a rename on local disks; copy + delete on object stores)."""
+    fs, final_path = fsspec.core.url_to_fs(final)
+    _, staging_path = fsspec.core.url_to_fs(staging)
+    if fs.exists(final_path):
+        fs.rm(final_path, recursive=True)
+    fs.mv(staging_path, final_path, recursive=True)
+
+
+def _remove(url: str) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def run_preprocess(config: Config) -> dict:
+    """Runs the pipeline on the configured runner and publishes `<run_root>/data/`; returns the report."""
+    import tensorflow_transform.beam as tft_beam
+
+    run_id = uuid.uuid4().hex[:8]
+    staging = join_url(config.run_root, f"data.staging-{run_id}")
+    temp_dir = join_url(config.run_root, "tmp", f"preprocess-{run_id}")
+    plan = plan_from_config(config, staging)
+    extra_tallies = _check_inputs(plan)
+    log.info("preprocess: %s -> %s on %s", config.data.mirror, config.data_dir, config.beam.runner)
+    started = time.time()
+    try:
+        fsspec.core.url_to_fs(staging)[0].makedirs(fsspec.core.url_to_fs(staging)[1], exist_ok=True)
+        options = pipeline_options(config.beam, job_name=f"showtell-preprocess-{run_id}")
+        with tft_beam.Context(temp_dir=temp_dir):
+            with beam.Pipeline(options=options) as pipeline:
+                build_preprocess_pipeline(pipeline, plan)
+        _complete_shard_set(plan)
+        with fsspec.open(join_url(staging, COUNTS_FILE), "r") as handle:
+            tallies = {**json.load(handle), **extra_tallies}
+        _remove(join_url(staging, COUNTS_FILE))
+        with fsspec.open(join_url(staging, WORD_COUNTS_FILE), "r", encoding="utf-8") as handle:
+            vocabulary = parse_word_counts(handle.read())
+        report = build_report(tallies, plan, vocabulary, time.time() - started)
+        report["output_dir"] = config.data_dir
+        write_text(records.record_schema_text(), join_url(staging, SCHEMA_FILE))
+        write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", join_url(staging, REPORT_FILE))
+        _commit(staging, config.data_dir)
+    finally:
+        _remove(staging)
+        _remove(temp_dir)
+    log.info("preprocess: %d records in %.1f s", report["records_written"], report["seconds"])
+    return report
+
+
+def summarize_report(report: dict) -> str:
+    """A few lines a person reads: per split, images and captions listed/written/skipped."""
+    lines = [f"preprocess report ({report['output_dir']}/{REPORT_FILE}):"]
+    lines.append(f"  {'split':<6}{'shards':>7}{'images':>9}{'written':>9}{'captions':>10}{'records':>9}  skipped")
+    for split, entry in report["splits"].items():
+        skipped = {**entry["images"]["skipped"]}
+        skipped_text = ", ".join(f"{reason}={n}" for reason, n in sorted(skipped.items())) or "-"
+        lines.append(
+            f"  {split:<6}{entry['shards']:>7}{entry['images']['listed']:>9}{entry['images']['written']:>9}"
+            f"{entry['captions']['listed']:>10}{entry['records_written']:>9}  {skipped_text}"
+        )
+    vocab = report["vocabulary"]
+    lines.append(f"  vocabulary: {vocab['words']} words seen >= {vocab['min_word_count']} times; <UNK> id {vocab['unknown_id']}")
+    dropped = {k: v for k, v in report["annotations"].items() if v}
+    if dropped:
+        lines.append("  dropped before splitting: " + ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())))
+    lines.append(f"  {report['records_written']} records in {report['seconds']} s")
+    return "\n".join(lines)

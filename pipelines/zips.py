@@ -1,0 +1,37 @@
+"""Reading members straight out of zip files at any fsspec URL, without extracting them.
+
+Nothing is ever written under a member's name, so a hostile member such as `../../x.jpg` cannot
+place a file anywhere; members are only looked up by the names the annotations imply.
+"""
+from __future__ import annotations
+
+import threading
+import zipfile
+from typing import BinaryIO
+
+import fsspec
+
+_local = threading.local()
+
+
+def _open_zip(url: str) -> zipfile.ZipFile:
+    """An open ZipFile for `url`, cached per thread (a ZipFile is not safe to share across threads)."""
+    cache: dict[str, zipfile.ZipFile] = _local.__dict__.setdefault("zips", {})
+    if url not in cache:
+        handle: BinaryIO = fsspec.open(url, "rb").open()
+        cache[url] = zipfile.ZipFile(handle)
+    return cache[url]
+
+
+def read_member(url: str, member: str) -> bytes | None:
+    """The bytes of `member` in the zip at `url`, or None if the zip has no such member."""
+    archive = _open_zip(url)
+    try:
+        info = archive.getinfo(member)
+    except KeyError:
+        return None
+    return archive.read(info)
+
+
+def member_names(url: str) -> list[str]:
+    return _open_zip(url).namelist()
