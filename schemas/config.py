@@ -37,7 +37,7 @@ class Shards(_Strict):
 class SampleData(_Strict):
     train_images: int = Field(60, gt=0)  # images in the sample's train2014.zip
     val_images: int = Field(40, gt=0)  # images in the sample's val2014.zip (split 85/5/10 as MSCOCO's)
-    seed: int = 0  # seed of the sample generator: same seed, same bytes
+    seed: int = Field(0, ge=0)  # seed of the sample generator: same seed, same bytes
     image_size: int = Field(96, ge=32)  # width and height of the sample's images, in pixels
 
 
