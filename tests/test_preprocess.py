@@ -130,7 +130,7 @@ def test_every_record_decodes_with_tf_and_parses_with_tf_data(preprocessed):
     _, data_dir, written = preprocessed
     for split in written.values():
         for record in split:
-            assert tf.io.decode_jpeg(record["jpeg"], channels=3).shape[-1] == 3
+            assert tf.io.decode_jpeg(record["jpeg"], channels=3).shape.rank == 3
     files = [str(data_dir / name) for name in records.shard_names("train", SHARDS["train"])]
     parsed = list(tf.data.TFRecordDataset(files).map(records.parse_sequence_example))
     assert len(parsed) == len(written["train"])
