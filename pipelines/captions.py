@@ -99,6 +99,10 @@ def is_unsafe_zip_name(name: str) -> bool:
     return normalized.startswith(("/", "../")) or normalized == ".." or (len(name) > 1 and name[1] == ":")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _require(condition: bool, where: str, what: str) -> None:
     if not condition:
         raise ShowtellError(f"{where}: malformed captions file: {what}")
@@ -115,13 +119,13 @@ def parse_captions_json(raw: bytes, where: str) -> dict[str, Any]:
         _require(isinstance(document.get(key), list), where, f"`{key}` is missing or not a list")
     for i, image in enumerate(document["images"]):
         _require(isinstance(image, dict), where, f"images[{i}] is not an object")
-        _require(isinstance(image.get("id"), int), where, f"images[{i}].id is missing or not an integer")
+        _require(_is_int(image.get("id")), where, f"images[{i}].id is missing or not an integer")
         _require(isinstance(image.get("file_name"), str), where, f"images[{i}].file_name is missing or not a string")
     for i, annotation in enumerate(document["annotations"]):
         _require(isinstance(annotation, dict), where, f"annotations[{i}] is not an object")
-        _require(isinstance(annotation.get("id"), int), where, f"annotations[{i}].id is missing or not an integer")
+        _require(_is_int(annotation.get("id")), where, f"annotations[{i}].id is missing or not an integer")
         _require(
-            isinstance(annotation.get("image_id"), int), where, f"annotations[{i}].image_id is missing or not an integer"
+            _is_int(annotation.get("image_id")), where, f"annotations[{i}].image_id is missing or not an integer"
         )
         _require(
             isinstance(annotation.get("caption"), str), where, f"annotations[{i}].caption is missing or not a string"

@@ -31,11 +31,14 @@ class ImageVerdict:
 
 
 def _decodes_with_tf(data: bytes) -> bool:
+    """True if tf.io.decode_jpeg reads the bytes as one height x width x 3 image.
+
+    It reads PNG, GIF and BMP too; WebP it returns as a (1, H, W, 3) batch, which is no use.
+    """
     import tensorflow as tf
 
     try:
-        tf.io.decode_jpeg(data, channels=3)
-        return True
+        return tf.io.decode_jpeg(data, channels=3).shape.rank == 3
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
         return False
 

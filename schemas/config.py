@@ -25,7 +25,8 @@ class ConfigError(ShowtellError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: `true` is not an int, `"3"` is not a number; YAML already gives real types.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class Shards(_Strict):
@@ -103,7 +104,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     keys = dotted.split(".")
     for i, key in enumerate(keys[:-1]):
-        child = node.setdefault(key, {})
+        if node.get(key) is None:  # absent, or a YAML section left empty (`data:`)
+            node[key] = {}
+        child = node[key]
         if not isinstance(child, dict):
             raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is a value, not a section")
         node = child
@@ -156,6 +159,8 @@ def load_config(path: str | os.PathLike, overrides: tuple[str, ...] | list[str] 
             tree = yaml.safe_load(handle)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except OSError as error:  # a directory, no permission, ...
+        raise ConfigError(f"{path}: cannot read config file ({error.strerror or error})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if tree is not None and not isinstance(tree, dict):
