@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import posixpath
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from schemas.errors import ShowtellError
 from schemas.records import END_WORD, START_WORD
@@ -38,7 +38,9 @@ class AnnotationSource:
 class Caption:
     annotation_id: int  # MSCOCO annotation id (stable across runs: the shuffle key uses it)
     text: str  # the caption as written, stripped
-    tokens: tuple[str, ...]  # im2txt's tokens, `<S>` ... `</S>`
+    # im2txt's tokens, `<S>` ... `</S>`; empty until `tokenized()`, which the pipeline runs per
+    # image on every worker (expanding a whole captions file happens in one place).
+    tokens: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def parse_captions_json(raw: bytes, where: str) -> dict[str, Any]:
 
 
 def expand_captions(document: dict[str, Any], source: AnnotationSource) -> CaptionsFile:
-    """Lists a (checked) captions document's images with their split and tokenised captions."""
+    """Lists a (checked) captions document's images with their split and captions (not yet tokenised)."""
     captions_by_image: dict[int, list[Caption]] = {}
     listed_ids = {image["id"] for image in document["images"]}
     orphans = blanks = 0
@@ -145,7 +147,7 @@ def expand_captions(document: dict[str, Any], source: AnnotationSource) -> Capti
         elif annotation["image_id"] not in listed_ids:
             orphans += 1
         else:
-            caption = Caption(annotation["id"], text, tokenize_caption(text))
+            caption = Caption(annotation["id"], text)
             captions_by_image.setdefault(annotation["image_id"], []).append(caption)
 
     images, seen, duplicates = [], set(), 0
@@ -168,19 +170,23 @@ def expand_captions(document: dict[str, Any], source: AnnotationSource) -> Capti
     return CaptionsFile(images, orphan_annotations=orphans, blank_captions=blanks, duplicate_images=duplicates)
 
 
-def read_captions_file(source: AnnotationSource) -> CaptionsFile:
-    """Reads one captions JSON from the annotations zip (any fsspec URL) and expands it."""
+def load_captions_document(source: AnnotationSource) -> dict[str, Any]:
+    """Reads and checks one captions JSON from the annotations zip (any fsspec URL)."""
     from pipelines.zips import read_member
 
     where = f"{source.annotations_zip}!{source.member}"
     raw = read_member(source.annotations_zip, source.member)
     if raw is None:
         raise ShowtellError(f"{where}: not found in the annotations zip (run `showtell download` first?)")
-    return expand_captions(parse_captions_json(raw, where), source)
+    return parse_captions_json(raw, where)
 
 
-def iter_tokens(images: list[CaptionedImage], split: str) -> Iterator[tuple[str, ...]]:
-    for image in images:
-        if image.split == split:
-            for caption in image.captions:
-                yield caption.tokens
+def read_captions_file(source: AnnotationSource) -> CaptionsFile:
+    """Reads one captions JSON and expands it: images with their split and captions."""
+    return expand_captions(load_captions_document(source), source)
+
+
+def tokenized(image: CaptionedImage) -> CaptionedImage:
+    """The image with every caption's tokens filled in."""
+    captions = tuple(replace(c, tokens=tokenize_caption(c.text)) for c in image.captions)
+    return replace(image, captions=captions)

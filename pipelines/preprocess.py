@@ -11,6 +11,10 @@ completes the shard set, writes the report, and only then moves everything to
 
 Records go to shards by a hash of (seed, image id, annotation id) and are sorted by it inside a
 shard, so the same input always gives byte-identical shards, whatever the runner's ordering.
+
+Each image is decoded once, by the check (im2txt decodes it once per caption). Image bytes
+never go through the shuffle: it carries small PendingRecords, and each shard writer reads the
+checked bytes straight from the zip.
 """
 from __future__ import annotations
 
@@ -27,7 +31,14 @@ import fsspec
 
 from pipelines import images as image_checks
 from pipelines.beam_options import pipeline_options
-from pipelines.captions import AnnotationSource, CaptionedImage, is_unsafe_zip_name, read_captions_file
+from pipelines.captions import (
+    AnnotationSource,
+    CaptionedImage,
+    is_unsafe_zip_name,
+    load_captions_document,
+    read_captions_file,
+    tokenized,
+)
 from pipelines.vocabulary import AnalyzeVocabulary, Vocabulary, parse_word_counts
 from pipelines.zips import member_names, read_member
 from schemas import records
@@ -93,7 +104,10 @@ def expand_source(source: AnnotationSource) -> Iterator:
 
 
 class CheckImageFn(beam.DoFn):
-    """Reads an image out of its zip and checks it; kept images go on, skips become tallies."""
+    """Reads an image out of its zip and checks it; kept images go on, skips become tallies.
+
+    A kept image goes on as (image, None), or (image, jpeg) when its bytes had to be re-encoded.
+    """
 
     def __init__(self, max_pixels: int):
         self._max_pixels = max_pixels
@@ -110,7 +124,7 @@ class CheckImageFn(beam.DoFn):
         yield _tally(f"{split}/images/written")
         if verdict.reencoded:
             yield _tally(f"{split}/images/reencoded/{verdict.source_format}")
-        yield image, verdict.jpeg
+        yield image, (verdict.jpeg if verdict.reencoded else None)
 
     def _verdict(self, image: CaptionedImage) -> image_checks.ImageVerdict:
         if image.member is None:
@@ -125,22 +139,44 @@ def shuffle_key(seed: int, image_id: int, annotation_id: int) -> bytes:
     return hashlib.sha256(f"{seed}:{image_id}:{annotation_id}".encode()).digest()
 
 
-def to_records(item: tuple[CaptionedImage, bytes], vocabulary: Vocabulary, seed: int, shards: dict[str, int]) -> Iterator:
-    """One kept image -> ((split, shard), (shuffle key, serialized record)) per caption."""
-    image, jpeg = item
+@dataclass(frozen=True)
+class PendingRecord:
+    """What a shard writer needs to write one record: everything but the image bytes, which it
+    reads from the zip itself, so the shuffle moves a few hundred bytes per record, not the JPEG."""
+
+    shuffle_key: bytes  # the record's place in its shard
+    image_id: int  # MSCOCO image id
+    images_zip: str  # where the (already checked) image bytes are
+    member: str  # the image's path inside that zip
+    tokens: tuple[str, ...]  # the caption's tokens, `<S>` ... `</S>`
+    ids: tuple[int, ...]  # their vocabulary ids
+    replacement_jpeg: bytes | None  # re-encoded bytes for the rare image the zip's bytes won't do
+
+
+def to_pending_records(
+    kept: tuple[CaptionedImage, bytes | None], vocabulary: Vocabulary, seed: int, shards: dict[str, int]
+) -> Iterator[tuple[tuple[str, int], PendingRecord]]:
+    """One kept image -> ((split, shard), PendingRecord) per caption."""
+    image, replacement_jpeg = kept
     for caption in image.captions:
         key = shuffle_key(seed, image.image_id, caption.annotation_id)
         shard = int.from_bytes(key[:8], "big") % shards[image.split]
-        record = records.encode_sequence_example(image.image_id, jpeg, caption.tokens, vocabulary.ids(caption.tokens))
-        yield (image.split, shard), (key, record)
+        ids = tuple(vocabulary.ids(caption.tokens))
+        record = PendingRecord(key, image.image_id, image.images_zip, image.member, caption.tokens, ids, replacement_jpeg)
+        yield (image.split, shard), record
 
 
-def write_shard(grouped: tuple[tuple[str, int], Iterable[tuple[bytes, bytes]]], output_dir: str, shards: dict[str, int]):
+def write_shard(grouped: tuple[tuple[str, int], Iterable[PendingRecord]], output_dir: str, shards: dict[str, int]):
     """Writes one shard file, records in shuffle-key order; yields a tally of records written."""
-    (split, index), keyed_records = grouped
-    ordered = sorted(keyed_records, key=lambda pair: pair[0])
+    (split, index), pending = grouped
+
+    def serialized() -> Iterator[bytes]:
+        for record in sorted(pending, key=lambda r: r.shuffle_key):
+            jpeg = record.replacement_jpeg or read_member(record.images_zip, record.member)
+            yield records.encode_sequence_example(record.image_id, jpeg, record.tokens, record.ids)
+
     with fsspec.open(join_url(output_dir, records.shard_name(split, index, shards[split])), "wb") as handle:
-        written = write_records(handle, (record for _, record in ordered))
+        written = write_records(handle, serialized())
     yield f"{split}/records/written", written
 
 
@@ -159,7 +195,7 @@ def build_preprocess_pipeline(pipeline: beam.Pipeline, plan: PreprocessPlan) -> 
         | "AnnotationFiles" >> beam.Create(plan.sources)
         | "ExpandCaptions" >> beam.FlatMap(expand_source).with_outputs(_COUNTS, main="images")
     )
-    listed = expanded.images | "SpreadImages" >> beam.Reshuffle()
+    listed = expanded.images | "SpreadImages" >> beam.Reshuffle() | "Tokenize" >> beam.Map(tokenized)
 
     train_tokens = listed | "TrainTokens" >> beam.FlatMap(
         lambda image: [caption.tokens for caption in image.captions] if image.split == "train" else []
@@ -177,7 +213,7 @@ def build_preprocess_pipeline(pipeline: beam.Pipeline, plan: PreprocessPlan) -> 
     )
     written = (
         checked.kept
-        | "ToRecords" >> beam.FlatMap(to_records, beam.pvalue.AsSingleton(vocabulary), plan.shuffle_seed, shards)
+        | "ToRecords" >> beam.FlatMap(to_pending_records, beam.pvalue.AsSingleton(vocabulary), plan.shuffle_seed, shards)
         | "GroupByShard" >> beam.GroupByKey()
         | "WriteShards" >> beam.FlatMap(write_shard, plan.output_dir, shards)
     )
@@ -198,11 +234,10 @@ def build_preprocess_pipeline(pipeline: beam.Pipeline, plan: PreprocessPlan) -> 
 def _check_inputs(plan: PreprocessPlan) -> dict[str, int]:
     """Fails fast, before any Beam work, on missing or malformed inputs; counts hostile zip names."""
     for source in plan.sources:
-        if not fsspec.core.url_to_fs(source.annotations_zip)[0].exists(source.annotations_zip):
-            raise ShowtellError(f"{source.annotations_zip}: not found (run `showtell download` first)")
-        if not fsspec.core.url_to_fs(source.images_zip)[0].exists(source.images_zip):
-            raise ShowtellError(f"{source.images_zip}: not found (run `showtell download` first)")
-        read_captions_file(source)  # raises ShowtellError naming the file on malformed JSON
+        for url in (source.annotations_zip, source.images_zip):
+            if not _exists(url):
+                raise ShowtellError(f"{url}: not found (run `showtell download` first)")
+        load_captions_document(source)  # raises ShowtellError naming the file on malformed JSON
     unsafe = sum(
         is_unsafe_zip_name(name) for zip_url in {s.images_zip for s in plan.sources} for name in member_names(zip_url)
     )
@@ -282,6 +317,11 @@ def _commit(staging: str, final: str) -> None:
     fs.mv(staging_path, final_path, recursive=True)
 
 
+def _exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
+
+
 def _remove(url: str) -> None:
     fs, path = fsspec.core.url_to_fs(url)
     if fs.exists(path):
@@ -300,7 +340,8 @@ def run_preprocess(config: Config) -> dict:
     log.info("preprocess: %s -> %s on %s", config.data.mirror, config.data_dir, config.beam.runner)
     started = time.time()
     try:
-        fsspec.core.url_to_fs(staging)[0].makedirs(fsspec.core.url_to_fs(staging)[1], exist_ok=True)
+        staging_fs, staging_path = fsspec.core.url_to_fs(staging)
+        staging_fs.makedirs(staging_path, exist_ok=True)
         options = pipeline_options(config.beam, job_name=f"showtell-preprocess-{run_id}")
         with tft_beam.Context(temp_dir=temp_dir):
             with beam.Pipeline(options=options) as pipeline:

@@ -14,6 +14,7 @@ from pipelines.captions import (
     safe_member,
     split_of_val_position,
     tokenize_caption,
+    tokenized,
 )
 from schemas.errors import ShowtellError
 
@@ -190,7 +191,7 @@ def test_parse_captions_json_errors_name_the_file_and_the_fault(raw, fault):
     assert fault in str(raised.value)
 
 
-def test_expand_captions_attaches_stripped_tokenised_captions_in_file_order():
+def test_expand_captions_attaches_stripped_captions_in_file_order_and_tokenized_fills_tokens():
     document = _doc(
         images=[{"id": 5, "file_name": "COCO_5.jpg"}, {"id": 3, "file_name": "COCO_3.jpg"}],
         annotations=[
@@ -205,7 +206,9 @@ def test_expand_captions_attaches_stripped_tokenised_captions_in_file_order():
     assert [image.image_id for image in expanded.images] == [5, 3]
     cat = expanded.images[1]
     assert [(c.annotation_id, c.text) for c in cat.captions] == [(30, "A cat sits."), (31, "Cats!")]
-    assert cat.captions[0].tokens == ("<S>", "a", "cat", "sits", ".", "</S>")
+    assert cat.captions[0].tokens == ()
+    assert tokenized(cat).captions[0].tokens == ("<S>", "a", "cat", "sits", ".", "</S>")
+    assert [c.text for c in tokenized(cat).captions] == ["A cat sits.", "Cats!"]
     assert cat.member == "train2014/COCO_3.jpg"
     assert cat.images_zip == "raw/zips/train2014.zip"
     assert (expanded.orphan_annotations, expanded.blank_captions, expanded.duplicate_images) == (0, 0, 0)
