@@ -18,18 +18,21 @@ def _masked_crc(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
-def frame(record: bytes) -> bytes:
-    header = struct.pack("<Q", len(record))
-    return b"".join(
-        (header, struct.pack("<I", _masked_crc(header)), record, struct.pack("<I", _masked_crc(record)))
-    )
+def _header(record: bytes) -> bytes:
+    length = struct.pack("<Q", len(record))
+    return length + struct.pack("<I", _masked_crc(length))
 
 
 def write_records(handle: BinaryIO, records: Iterable[bytes]) -> int:
-    """Writes framed records to an open binary file; returns how many were written."""
+    """Writes framed records to an open binary file; returns how many were written.
+
+    Header, data and footer are written separately: records hold whole JPEGs, not worth copying.
+    """
     count = 0
     for record in records:
-        handle.write(frame(record))
+        handle.write(_header(record))
+        handle.write(record)
+        handle.write(struct.pack("<I", _masked_crc(record)))
         count += 1
     return count
 
