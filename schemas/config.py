@@ -75,10 +75,78 @@ class Beam(_Strict):
     options: list[str] = []
 
 
+class Model(_Strict):
+    """Show and Tell as im2txt (REFERENCE.md, "Model")."""
+
+    # Image encoder from keras.applications: im2txt's Inception v3, or a small one for CPU demos.
+    encoder: Literal["inception_v3", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"] = "inception_v3"
+    image_size: int = Field(299, ge=32)  # encoder input height and width, in pixels
+    # `imagenet` (Keras' download), `none` (random init), or a weights file at any fsspec URL.
+    encoder_weights: str = "imagenet"
+    embedding_size: int = Field(512, gt=0)  # image and word embedding width
+    num_lstm_units: int = Field(512, gt=0)  # LSTM state width
+    dropout_keep: float = Field(0.7, gt=0, le=1)  # keep probability of the LSTM's inputs and outputs when training
+    init_scale: float = Field(0.08, gt=0)  # weights start uniform in [-init_scale, init_scale]
+    vocab_size: Optional[int] = Field(None, gt=0)  # null: lines of word_counts.txt + 1 (for <UNK>)
+
+
+class Phase(_Strict):
+    steps: int = Field(gt=0)  # training steps of this phase (global: counted once, not per worker)
+    batch_size: int = Field(32, gt=0)  # examples per worker per step; global batch = this x workers
+    learning_rate: float = Field(gt=0)  # initial learning rate (SGD)
+    # Staircase decay: multiply by this factor every `epochs_per_decay` epochs; 1.0 = constant.
+    learning_rate_decay_factor: float = Field(gt=0, le=1)
+    epochs_per_decay: float = Field(8.0, gt=0)  # epochs between decays
+    clip_gradients: float = Field(5.0, gt=0)  # global gradient norm clip
+    train_encoder: bool  # False: the encoder is frozen (phase 1); True: fine-tune everything (phase 2)
+    checkpoint_every: int = Field(1000, gt=0)  # steps between checkpoints (and Ray reports)
+    checkpoints_kept: int = Field(5, gt=0)  # newest checkpoints Ray keeps
+
+
+class Phase1(Phase):
+    """im2txt's first phase: Inception frozen, SGD 2.0 halved every 8 epochs, 1,000,000 steps."""
+
+    steps: int = Field(1_000_000, gt=0)
+    learning_rate: float = Field(2.0, gt=0)
+    learning_rate_decay_factor: float = Field(0.5, gt=0, le=1)
+    train_encoder: bool = False
+
+
+class Phase2(Phase):
+    """im2txt's fine-tune: everything trainable, learning rate 0.0005, to ~3,000,000 steps in all."""
+
+    steps: int = Field(2_000_000, gt=0)
+    learning_rate: float = Field(0.0005, gt=0)
+    learning_rate_decay_factor: float = Field(1.0, gt=0, le=1)
+    train_encoder: bool = True
+
+
+class Train(_Strict):
+    phase1: Phase1 = Phase1()  # encoder frozen
+    phase2: Phase2 = Phase2()  # fine-tune, from phase 1's final checkpoint
+    # Training examples per epoch (for the decay schedule); null: records written to train shards.
+    num_examples_per_epoch: Optional[int] = Field(None, gt=0)
+    mixed_precision: Literal["off", "bf16", "fp16"] = "off"  # compute dtype on GPUs; off on CPU
+    xla: bool = False  # compile the train step with XLA
+    shuffle_buffer: int = Field(2048, ge=0)  # records shuffled in memory per worker
+    seed: int = 0  # seeds weight init, shuffling and augmentation
+
+
+class Ray(_Strict):
+    address: Optional[str] = None  # an existing cluster (`auto`, `ray://host:10001`); null starts a local one
+    num_workers: int = Field(2, gt=0)  # data-parallel training workers
+    use_gpu: bool = False  # one GPU per worker
+    resources_per_worker: dict[str, float] = {}  # e.g. {CPU: 4}; Ray's default is 1 CPU
+    max_failures: int = Field(0, ge=-1)  # worker failures survived by restarting from the last checkpoint (-1: forever)
+
+
 class Config(_Strict):
     run_root: str  # fsspec URL every step writes under (a local path, gs://..., s3://...)
     data: Data = Data()  # where data comes from and how records are written
     beam: Beam = Beam()  # how Beam pipelines run
+    model: Model = Model()  # the captioner
+    train: Train = Train()  # the two training phases
+    ray: Ray = Ray()  # where and how wide training runs
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> "Config":
@@ -90,6 +158,11 @@ class Config(_Strict):
     def data_dir(self) -> str:
         """`<run_root>/data`: shards, word_counts.txt, transform_fn/, preprocess_report.json."""
         return join_url(self.run_root, "data")
+
+    @property
+    def train_dir(self) -> str:
+        """`<run_root>/train`: Ray's storage, and phase{1,2}/final/ + history.jsonl per phase."""
+        return join_url(self.run_root, "train")
 
 
 def join_url(base: str, *parts: str) -> str:
