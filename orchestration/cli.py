@@ -54,6 +54,15 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from trainer.launcher import run_phase
+
+    config = load_config(args.config, args.overrides)
+    summary = run_phase(config, args.phase)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="showtell", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only and show no progress bars")
@@ -74,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     preprocess = sub.add_parser("preprocess", help="Beam + tf.Transform: mirrored MSCOCO -> im2txt TFRecords")
     _add_config_args(preprocess)
     preprocess.set_defaults(func=_cmd_preprocess)
+
+    train = sub.add_parser("train", help="Ray Train: one training phase (1: encoder frozen, 2: fine-tune everything)")
+    _add_config_args(train)
+    train.add_argument("--phase", type=int, choices=(1, 2), required=True, help="training phase; 2 starts from 1's final/")
+    train.set_defaults(func=_cmd_train)
     return parser
 
 

@@ -1,0 +1,270 @@
+"""`showtell train` end to end: real Ray Train (local cluster, 2 CPU workers), real TensorFlow
+MultiWorkerMirroredStrategy, a tiny MobileNet captioner on generated sample records.
+
+One sample set is preprocessed for the module. The first two tests start their own Ray cluster
+through the CLI (as `ray.address: null` does); the rest share one cluster started here, which the
+launcher uses as it finds it, and one run root that goes through a worker kill, a resume and both
+phases (`two_phases`), to keep the file near 3-4 minutes on a 2-core machine.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestration.cli import main as cli_main
+from trainer import checkpoints as ckpt
+from trainer.train_loop import KILL_AFTER_CHECKPOINT_ENV
+
+pytestmark = pytest.mark.slow
+
+MODEL = {
+    "encoder": "mobilenet_v3_small",
+    "image_size": 64,
+    "encoder_weights": "none",
+    "embedding_size": 32,
+    "num_lstm_units": 32,
+}
+
+
+@pytest.fixture(autouse=True)
+def _fast_ray_polls(monkeypatch):
+    # Ray Train's controller polls its workers every 2 s; every run here is a few seconds long.
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    from pipelines.preprocess import run_preprocess
+    from pipelines.sample_data import generate_sample_data
+    from schemas.config import build_config
+
+    root = tmp_path_factory.mktemp("prep")
+    generate_sample_data(str(root / "raw"), train_images=40, val_images=20, seed=0, image_size=64)
+    config = build_config(
+        {
+            "run_root": str(root),
+            "data": {"shards": {"train": 4, "val": 1, "test": 1}},
+            "beam": {"direct_running_mode": "in_memory", "direct_num_workers": 1},
+        }
+    )
+    run_preprocess(config)
+    return root / "data"
+
+
+def _run_root(tmp_path: Path, data_dir: Path) -> Path:
+    run_root = tmp_path / "run"
+    shutil.copytree(data_dir, run_root / "data")
+    return run_root
+
+
+def _config_file(tmp_path: Path, run_root: Path, phase1: dict, phase2: dict | None = None, **ray) -> Path:
+    tree = {
+        "run_root": str(run_root),
+        "model": MODEL,
+        "train": {
+            "shuffle_buffer": 64,
+            "phase1": {"batch_size": 8, "checkpoints_kept": 2, **phase1},
+            "phase2": {"batch_size": 8, "checkpoints_kept": 2, **(phase2 or {"steps": 2})},
+        },
+        "ray": {"num_workers": 2, **ray},
+    }
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(tree), encoding="utf-8")
+    return path
+
+
+def _train(config: Path, phase: int, *overrides: str) -> int:
+    args = ["train", "--config", str(config), "--phase", str(phase)]
+    for override in overrides:
+        args += ["--set", override]
+    return cli_main(args)
+
+
+def _history(run_root: Path, phase: int) -> list[dict]:
+    lines = (run_root / "train" / f"phase{phase}" / "history.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _final(run_root: Path, phase: int) -> Path:
+    return run_root / "train" / f"phase{phase}" / "final"
+
+
+def _summary(out: str) -> dict:
+    """The CLI's JSON summary out of stdout (Ray may have forwarded worker lines around it)."""
+    lines = out.splitlines()
+    start = lines.index("{")
+    return json.loads("\n".join(lines[start : lines.index("}", start) + 1]))
+
+
+def _error_line(captured) -> str:
+    lines = [line for line in captured.err.splitlines() if line.startswith("showtell train: error:")]
+    assert len(lines) == 1, captured.err[-2000:]
+    return lines[0]
+
+
+# --- no Ray cluster needed, or one started by the CLI -------------------------------------------
+
+
+def test_phase2_without_phase1_is_a_clear_error(tmp_path, data_dir, capsys):
+    run_root = _run_root(tmp_path, data_dir)
+    config = _config_file(tmp_path, run_root, {"steps": 2})
+
+    assert _train(config, 2) != 0
+
+    line = _error_line(capsys.readouterr())
+    assert "phase 1" in line and "run `showtell train --phase 1` first" in line
+    assert not (run_root / "train" / "phase2").exists()
+
+
+def test_a_nan_loss_stops_the_phase_naming_the_step_and_publishes_nothing(tmp_path, data_dir, capsys):
+    import ray
+
+    run_root = _run_root(tmp_path, data_dir)
+    # SGD at 1e38 overflows the weights on the first update, so step 2's loss is not finite.
+    config = _config_file(tmp_path, run_root, {"steps": 6, "checkpoint_every": 1, "learning_rate": 1.0e38})
+
+    assert _train(config, 1) != 0
+
+    line = _error_line(capsys.readouterr())
+    assert "phase 1: loss is" in line and "at step 2" in line
+    phase_dir = run_root / "train" / "phase1"
+    assert not _final(run_root, 1).exists()
+    # Step 1 was finite and reported; nothing of step 2 (NaN weights) reached Ray's storage.
+    assert sorted(p.name for p in phase_dir.glob("checkpoint_0*")) == ["checkpoint_000000001"]
+    assert [row["step"] for row in _history(run_root, 1)] == [1]
+    assert not ray.is_initialized()  # the CLI's own local cluster was shut down
+
+
+# --- on a shared local cluster ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_phases(ray_cluster, data_dir, tmp_path_factory):
+    """The whole story on one run root, each part asserted by a test below:
+
+    1. phase 1 to 6 steps, with rank 1 SIGKILLed a few seconds after the first checkpoint
+       (step 3) and `ray.max_failures: 1`: Ray replaces the worker group, training resumes;
+    2. phase 1 re-run with `steps: 9`: a half-finished phase resumes from step 6;
+    3. phase 2 (4 steps) from phase 1's final checkpoint.
+    """
+    tmp_path = tmp_path_factory.mktemp("two_phases")
+    run_root = _run_root(tmp_path, data_dir)
+    marker = tmp_path / "killed.json"
+    config = _config_file(
+        tmp_path, run_root, {"steps": 9, "checkpoint_every": 3}, {"steps": 4, "checkpoint_every": 2}, max_failures=1
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(KILL_AFTER_CHECKPOINT_ENV, str(marker))
+        assert _train(config, 1, "train.phase1.steps=6") == 0
+    first_final = json.loads((_final(run_root, 1) / "state.json").read_text())
+    assert _train(config, 1) == 0
+    assert _train(config, 2) == 0
+    return run_root, config, first_final, marker
+
+
+def test_phase1_publishes_a_complete_final_checkpoint(two_phases, data_dir):
+    run_root = two_phases[0]
+    final = _final(run_root, 1)
+    assert sorted(p.name for p in final.iterdir()) == ["config.yaml", "model.weights.h5", "state.json", "word_counts.txt"]
+    assert (final / "word_counts.txt").read_bytes() == (data_dir / "word_counts.txt").read_bytes()
+    config = yaml.safe_load((final / "config.yaml").read_text())
+    assert config["model"] == {**config["model"], **MODEL} and config["train"]["phase1"]["steps"] == 9
+    state = json.loads((final / "state.json").read_text())
+    assert state["phase"] == 1 and state["step"] == 9 and len(state["fingerprint"]) == 64
+    assert not list(final.parent.glob("final.*"))  # no staging or old copies left behind
+    # Ray keeps `checkpoints_kept` of them.
+    assert sorted(p.name for p in final.parent.glob("checkpoint_0*")) == ["checkpoint_000000006", "checkpoint_000000009"]
+
+
+def test_history_has_each_report_once_in_order_across_resumes_and_loss_falls(two_phases):
+    run_root, _, first_final, _ = two_phases
+    history = _history(run_root, 1)
+    assert [row["step"] for row in history] == [3, 6, 9]
+    assert [row["resumed_from_step"] for row in history] == [0, 3, 6]  # after the kill; the re-run
+    assert first_final["step"] == 6
+    for row in history:
+        assert set(ckpt.HISTORY_COLUMNS) <= set(row)
+        assert row["examples_per_sec"] > 0 and row["learning_rate"] == 2.0
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert [row["step"] for row in _history(run_root, 2)] == [2, 4]
+    assert _history(run_root, 2)[0]["learning_rate"] == 0.0005
+
+
+def test_tensorboard_has_loss_perplexity_and_learning_rate(two_phases):
+    import tensorflow as tf
+
+    run_root = two_phases[0]
+    for phase in (1, 2):
+        files = list((run_root / "train" / f"phase{phase}" / "tensorboard").glob("events.out.tfevents.*"))
+        assert files, phase
+        tags = {
+            value.tag
+            for path in files
+            for event in tf.compat.v1.train.summary_iterator(str(path))
+            for value in event.summary.value
+        }
+        assert {"loss", "perplexity", "learning_rate"} <= tags
+
+
+def test_phase2_starts_from_phase1s_final_weights_and_trains_the_encoder(two_phases):
+    from schemas.config import Model
+    from trainer.model import build_model
+
+    run_root = two_phases[0]
+    phase1 = json.loads((_final(run_root, 1) / "state.json").read_text())
+    phase2 = json.loads((_final(run_root, 2) / "state.json").read_text())
+    assert phase2["step"] == 4
+    # Phase 2's workers fingerprinted their weights right after restoring: phase 1's final ones.
+    model = build_model(Model(**MODEL), phase1["vocab_size"])
+    model.load_weights(str(_final(run_root, 1) / "model.weights.h5"))
+    assert phase2["init_fingerprint"] == ckpt.weights_fingerprint(model) == phase1["fingerprint"]
+    encoder_before = [w.numpy().copy() for w in model.encoder.trainable_weights]
+    model.load_weights(str(_final(run_root, 2) / "model.weights.h5"))
+    assert any((a != w.numpy()).any() for a, w in zip(encoder_before, model.encoder.trainable_weights))
+
+
+def test_rerunning_a_finished_phase_is_a_fast_no_op_that_keeps_final(two_phases, capsys):
+    run_root, config = two_phases[:2]
+    final = _final(run_root, 1)
+    before = {p.name: p.stat().st_mtime_ns for p in final.iterdir()}
+    capsys.readouterr()
+
+    started = time.time()
+    assert _train(config, 1) == 0
+
+    assert time.time() - started < 10
+    summary = _summary(capsys.readouterr().out)
+    assert summary["ran"] is False and summary["step"] == 9
+    assert {p.name: p.stat().st_mtime_ns for p in final.iterdir()} == before
+
+
+def test_a_worker_killed_after_the_first_checkpoint_is_replaced_and_the_phase_resumes(two_phases):
+    run_root, _, first_final, marker = two_phases
+    assert marker.exists()  # rank 1 did SIGKILL itself, once
+    # The run went on to its 6 steps from the step-3 checkpoint: the first history rows say so.
+    assert first_final["step"] == 6
+    assert [(row["step"], row["resumed_from_step"]) for row in _history(run_root, 1)[:2]] == [(3, 0), (6, 3)]
+
+
+def test_progress_line_formats_a_report():
+    from trainer.launcher import ProgressLine, format_progress
+
+    row = {"step": 20, "loss": 3.21234, "perplexity": 24.83, "learning_rate": 2.0, "examples_per_sec": 51.26}
+    assert format_progress(1, 100, row) == (
+        "phase 1 step 20/100  loss 3.2123  perplexity 24.83  lr 2  51.3 examples/s"
+    )
+    ProgressLine(1, 100).after_report(None, [row, row], None)  # prints; must not raise

@@ -1,0 +1,222 @@
+"""What a training phase leaves on storage, and how it gets there without half-written files.
+
+    <run_root>/train/phaseN/                 Ray Train's run folder (storage_path=<run_root>/train, name=phaseN)
+        checkpoint_000000200/                a checkpoint Ray keeps (`train.phaseN.checkpoints_kept` newest)
+            model.weights.h5                 Keras weights of the whole ShowAndTell model
+            optimizer.npz                    the optimizer's variables (iterations, slots), in order
+            state.json                       phase, step, weights fingerprint, every report so far
+        checkpoint_manager_snapshot.json     Ray's own index of its checkpoints
+        history.jsonl                        one line per report, in step order (rank 0 rewrites it)
+        tensorboard/                         loss, perplexity, learning rate (rank 0)
+        final/                               the published result: everything inference needs
+            model.weights.h5, config.yaml, word_counts.txt, state.json
+
+Checkpoints are written by rank 0 into a local temp folder and handed to `ray.train.report`, which
+copies them into the run folder, so a crash mid-write never becomes Ray's "latest". `final/` is
+assembled in a `final.tmp-*` sibling and renamed into place. Every path is a local path or an
+fsspec URL (gs://, s3://, ...).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from typing import Any, Iterable, Optional
+
+import fsspec
+import yaml
+
+from schemas.config import join_url
+
+WEIGHTS_FILE = "model.weights.h5"
+OPTIMIZER_FILE = "optimizer.npz"
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+WORD_COUNTS_FILE = "word_counts.txt"
+HISTORY_FILE = "history.jsonl"
+FINAL_DIR = "final"
+TENSORBOARD_DIR = "tensorboard"
+
+# The columns of history.jsonl, in order (a row may carry more, e.g. grad_norm).
+HISTORY_COLUMNS = ("step", "loss", "perplexity", "learning_rate", "examples_per_sec", "wall_time")
+
+
+def phase_name(phase: int) -> str:
+    return f"phase{phase}"
+
+
+def is_local(url: str) -> bool:
+    return fsspec.utils.get_protocol(url) in ("file", "local")
+
+
+def absolute(url: str) -> str:
+    """A local path made absolute (Ray workers run in other folders); URLs stay as they are."""
+    if not is_local(url):
+        return url
+    path = url[len("file://") :] if url.startswith("file://") else url
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
+
+
+def read_text(url: str) -> str:
+    with fsspec.open(url, "r", encoding="utf-8") as handle:
+        return handle.read()
+
+
+def write_text(url: str, text: str) -> None:
+    """Writes a whole small file; on a local disk through a temp file + rename, so readers never
+    see a half-written one (object stores publish an object only when it is complete)."""
+    if is_local(url):
+        path = absolute(url)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temp, path)
+        return
+    with fsspec.open(url, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def read_json(url: str) -> Optional[dict]:
+    """The JSON document at `url`, or None when there is none."""
+    if not exists(url):
+        return None
+    return json.loads(read_text(url))
+
+
+# --- weights --------------------------------------------------------------------------------
+
+
+def weights_fingerprint(model) -> str:
+    """SHA-256 of every weight of `model` (paths, shapes, dtypes, values), by weight path: two
+    models with equal fingerprints hold identical weights."""
+    digest = hashlib.sha256()
+    for variable in sorted(model.weights, key=lambda v: v.path):
+        value = variable.numpy()
+        digest.update(f"{variable.path}|{value.dtype}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(directory: str, model, optimizer, state: dict) -> None:
+    """Writes weights, optimizer variables and `state` into a local `directory`."""
+    import numpy as np
+
+    model.save_weights(os.path.join(directory, WEIGHTS_FILE))
+    arrays = {f"{i:04d}": v.numpy() for i, v in enumerate(optimizer.variables)}
+    names = [v.path for v in optimizer.variables]
+    np.savez(os.path.join(directory, OPTIMIZER_FILE), __names__=np.array(names), **arrays)
+    with open(os.path.join(directory, STATE_FILE), "w", encoding="utf-8") as handle:
+        json.dump(state, handle, indent=1, sort_keys=True)
+
+
+def load_checkpoint(directory: str, model, optimizer) -> dict:
+    """Restores weights and optimizer variables from a local `directory`; returns its state."""
+    import numpy as np
+
+    model.load_weights(os.path.join(directory, WEIGHTS_FILE))
+    with np.load(os.path.join(directory, OPTIMIZER_FILE)) as saved:
+        names = [str(n) for n in saved["__names__"]]
+        variables = list(optimizer.variables)
+        if len(names) != len(variables):
+            raise ValueError(
+                f"checkpoint {directory} holds {len(names)} optimizer variables, this optimizer has "
+                f"{len(variables)}: was it written by another phase or model?"
+            )
+        for i, variable in enumerate(variables):
+            variable.assign(saved[f"{i:04d}"])
+    return read_state(directory)
+
+
+def read_state(directory: str) -> dict:
+    with open(os.path.join(directory, STATE_FILE), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def fetch_dir(url: str, local_dir: str) -> str:
+    """The folder at `url` as a local path: itself when local, else downloaded into `local_dir`."""
+    if is_local(url):
+        return absolute(url)
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.get(path.rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)
+    return local_dir
+
+
+# --- history ----------------------------------------------------------------------------------
+
+
+def history_text(rows: Iterable[dict]) -> str:
+    """history.jsonl's text: one JSON object a line, `HISTORY_COLUMNS` first."""
+    lines = []
+    for row in rows:
+        ordered = {k: row[k] for k in HISTORY_COLUMNS if k in row}
+        ordered.update((k, v) for k, v in row.items() if k not in ordered)
+        lines.append(json.dumps(ordered) + "\n")
+    return "".join(lines)
+
+
+def read_history(url: str) -> list[dict]:
+    if not exists(url):
+        return []
+    return [json.loads(line) for line in read_text(url).splitlines() if line.strip()]
+
+
+# --- publishing ---------------------------------------------------------------------------------
+
+
+def publish_final(checkpoint_dir: str, phase_dir: str, config_tree: dict[str, Any], word_counts_url: str) -> str:
+    """Publishes a (local) checkpoint folder as `<phase_dir>/final/` with the config and vocabulary.
+
+    Everything is written into `final.tmp-<id>/` first and then renamed over `final/`, so a crash
+    leaves either the old `final/` or the new one, never a mix (on object stores, where a folder
+    "rename" is copy + delete, `state.json` is copied last and marks a complete `final/`).
+    Returns the URL of `final/`.
+    """
+    run_id = uuid.uuid4().hex[:8]
+    final = join_url(phase_dir, FINAL_DIR)
+    staging = join_url(phase_dir, f"{FINAL_DIR}.tmp-{run_id}")
+    fs, staging_path = fsspec.core.url_to_fs(staging)
+    fs.makedirs(staging_path, exist_ok=True)
+    try:
+        fs.put(os.path.join(checkpoint_dir, WEIGHTS_FILE), f"{staging_path}/{WEIGHTS_FILE}")
+        write_text(join_url(staging, CONFIG_FILE), yaml.safe_dump(config_tree, sort_keys=False))
+        write_text(join_url(staging, WORD_COUNTS_FILE), read_text(word_counts_url))
+        state = read_state(checkpoint_dir)
+        state.pop("history", None)  # history.jsonl sits next to final/
+        write_text(join_url(staging, STATE_FILE), json.dumps(state, indent=1, sort_keys=True) + "\n")
+        _replace_dir(staging, final)
+    finally:
+        if fs.exists(staging_path):
+            fs.rm(staging_path, recursive=True)
+    return final
+
+
+def _replace_dir(source: str, dest: str) -> None:
+    fs, source_path = fsspec.core.url_to_fs(source)
+    _, dest_path = fsspec.core.url_to_fs(dest)
+    if is_local(source):
+        # Two renames: the old final/ steps aside, the new one takes its place, the old one goes.
+        old = None
+        if os.path.exists(dest_path):
+            old = f"{dest_path}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(dest_path, old)
+        os.replace(source_path, dest_path)
+        if old:
+            fs.rm(old, recursive=True)
+        return
+    if fs.exists(dest_path):
+        fs.rm(dest_path, recursive=True)
+    names = sorted(fs.ls(source_path, detail=False), key=lambda p: p.endswith(STATE_FILE))
+    for name in names:  # state.json last: its presence marks a complete final/
+        fs.copy(name, f"{dest_path}/{name.rsplit('/', 1)[-1]}")
+
+
+def published_state(phase_dir: str) -> Optional[dict]:
+    """`final/state.json` of a phase (its step, fingerprint, metrics), or None if none is published."""
+    return read_json(join_url(phase_dir, FINAL_DIR, STATE_FILE))

@@ -1,0 +1,244 @@
+"""`showtell train`: one training phase on Ray Train's TensorflowTrainer, from the driver's side.
+
+    plan = plan_phase(config, phase)      # checks inputs, resolves paths, batch and epoch size
+    summary = run_phase(config, phase)    # Ray cluster -> TensorflowTrainer.fit() -> publish final/
+
+The per-worker loop is `trainer.train_loop.train_loop_per_worker`. The run's storage is
+`<run_root>/train/` (`RunConfig(storage_path)`), its name `phase1`/`phase2`; a re-run of a phase
+with the same names resumes from Ray's latest checkpoint there, and a phase whose `final/` already
+holds `train.phaseN.steps` steps is not run again. After `fit`, the driver publishes Ray's latest
+checkpoint as `<run_root>/train/phaseN/final/` (see `trainer.checkpoints`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Iterator
+
+from ray.train import UserCallback
+
+from schemas.config import Config, join_url
+from schemas.errors import ShowtellError
+from trainer import checkpoints as ckpt
+from trainer.train_loop import KILL_AFTER_CHECKPOINT_ENV, TrainJob, train_loop_per_worker
+
+log = logging.getLogger("showtell.train")
+
+PREPROCESS_REPORT_FILE = "preprocess_report.json"
+
+
+class TrainingDivergedError(ShowtellError):
+    """The loss became NaN or infinite; the message names the phase and step."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PhasePlan:
+    job: TrainJob  # what every worker gets
+    phase_dir: str  # `<run_root>/train/phaseN`
+    steps: int  # the phase's total steps
+
+
+def plan_phase(config: Config, phase: int) -> PhasePlan:
+    """Resolves and checks everything a phase needs before any worker starts."""
+    if phase not in (1, 2):
+        raise ShowtellError(f"--phase must be 1 or 2, not {phase}")
+    from trainer.model import resolve_vocab_size
+
+    run_root = ckpt.absolute(config.run_root)
+    config = config.model_copy(update={"run_root": run_root})
+    data_dir, train_dir = config.data_dir, config.train_dir
+    report = ckpt.read_json(join_url(data_dir, PREPROCESS_REPORT_FILE))
+    if report is None:
+        raise ShowtellError(f"no preprocessed data at {data_dir} ({PREPROCESS_REPORT_FILE} missing): run `showtell preprocess` first")
+    word_counts = ckpt.read_text(join_url(data_dir, ckpt.WORD_COUNTS_FILE))
+    phase_cfg = config.train.phase1 if phase == 1 else config.train.phase2
+    global_batch = phase_cfg.batch_size * config.ray.num_workers
+    examples = config.train.num_examples_per_epoch or int(report["splits"]["train"]["records_written"])
+    if examples <= 0:
+        raise ShowtellError(f"{join_url(data_dir, PREPROCESS_REPORT_FILE)}: no training records were written")
+    init_dir = init_fingerprint = None
+    if phase == 2:
+        phase1_dir = join_url(train_dir, ckpt.phase_name(1))
+        published = ckpt.published_state(phase1_dir)
+        if published is None:
+            raise ShowtellError(
+                f"phase 2 fine-tunes phase 1's final checkpoint, and {join_url(phase1_dir, ckpt.FINAL_DIR)} "
+                "holds none: run `showtell train --phase 1` first"
+            )
+        init_dir, init_fingerprint = join_url(phase1_dir, ckpt.FINAL_DIR), published["fingerprint"]
+    phase_dir = join_url(train_dir, ckpt.phase_name(phase))
+    job = TrainJob(
+        config=config.model_dump(mode="json"),
+        phase=phase,
+        data_dir=data_dir,
+        phase_dir=phase_dir,
+        vocab_size=resolve_vocab_size(config.model, word_counts),
+        global_batch=global_batch,
+        steps_per_epoch=examples / global_batch,
+        init_dir=init_dir,
+        init_fingerprint=init_fingerprint,
+    )
+    return PhasePlan(job=job, phase_dir=phase_dir, steps=phase_cfg.steps)
+
+
+def run_phase(config: Config, phase: int) -> dict:
+    """Runs (or resumes) one phase and publishes its `final/`; returns a summary of the outcome.
+
+    A phase whose `final/` already holds its configured steps is not run again (no Ray, no
+    TensorFlow: a re-run is fast); a half-finished phase resumes from Ray's latest checkpoint.
+    """
+    phase_cfg = config.train.phase1 if phase == 1 else config.train.phase2
+    phase_dir = join_url(ckpt.absolute(config.train_dir), ckpt.phase_name(phase))
+    published = ckpt.published_state(phase_dir)
+    if published is not None and published["step"] >= phase_cfg.steps:
+        log.info("phase %d: %s/final already holds step %d of %d; nothing to do", phase, phase_dir, published["step"], phase_cfg.steps)
+        return _summary(phase, phase_dir, published, ran=False)
+    plan = plan_phase(config, phase)
+    started = time.time()
+    with ray_cluster(plan.job.cfg):
+        result = _fit(plan)
+    outcome = result.return_value or {}
+    if outcome.get("error"):
+        raise TrainingDivergedError(outcome["error"])
+    if result.checkpoint is None:
+        raise ShowtellError(f"phase {phase}: Ray Train finished without a checkpoint under {plan.phase_dir}")
+    with result.checkpoint.as_directory() as directory:
+        state = ckpt.read_state(directory)
+        if state["step"] < plan.steps:
+            raise ShowtellError(f"phase {phase}: the latest checkpoint holds step {state['step']}, not {plan.steps}")
+        final = ckpt.publish_final(
+            directory, plan.phase_dir, plan.job.config, join_url(plan.job.data_dir, ckpt.WORD_COUNTS_FILE)
+        )
+    log.info("phase %d: published %s (step %d) in %.1f s", phase, final, state["step"], time.time() - started)
+    return _summary(phase, plan.phase_dir, ckpt.published_state(plan.phase_dir), ran=True)
+
+
+def _summary(phase: int, phase_dir: str, state: dict, ran: bool) -> dict:
+    return {
+        "phase": phase,
+        "ran": ran,  # False: final/ was already complete
+        "step": state["step"],
+        "final": join_url(phase_dir, ckpt.FINAL_DIR),
+        "history": join_url(phase_dir, ckpt.HISTORY_FILE),
+        "metrics": {k: state["metrics"].get(k) for k in ckpt.HISTORY_COLUMNS},
+    }
+
+
+def _fit(plan: PhasePlan):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.tensorflow import TensorflowTrainer
+
+    cfg = plan.job.cfg
+    phase_cfg = plan.job.phase_cfg
+    storage_path, storage_filesystem = ray_storage(cfg.train_dir)
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config=dataclasses.asdict(plan.job),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers,
+            use_gpu=cfg.ray.use_gpu,
+            resources_per_worker=dict(cfg.ray.resources_per_worker) or None,
+        ),
+        run_config=RunConfig(
+            name=ckpt.phase_name(plan.job.phase),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=phase_cfg.checkpoints_kept),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            callbacks=[ProgressLine(plan.job.phase, plan.steps)],
+            worker_runtime_env={"env_vars": _worker_env()},
+        ),
+    )
+    try:
+        return trainer.fit()
+    except TrainingFailedError as error:
+        raise ShowtellError(f"phase {plan.job.phase}: {_describe_failure(error)}") from error
+
+
+def _worker_env() -> dict[str, str]:
+    env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    if os.environ.get(KILL_AFTER_CHECKPOINT_ENV):  # the fault test's hook, for any cluster
+        env[KILL_AFTER_CHECKPOINT_ENV] = os.environ[KILL_AFTER_CHECKPOINT_ENV]
+    return env
+
+
+def _describe_failure(error: Exception) -> str:
+    """One line out of Ray's TrainingFailedError: a worker's ShowtellError as is, else the last
+    line of each worker's error (Ray has logged the tracebacks above)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    parts = []
+    for rank, failure in sorted(failures.items()):
+        cause = getattr(failure, "cause", None) or failure
+        if isinstance(cause, ShowtellError):
+            return str(cause)
+        lines = [line for line in str(cause).splitlines() if line.strip()]
+        parts.append(f"rank {rank}: {lines[-1] if lines else type(cause).__name__}")
+    if not parts:
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        parts = lines[-1:] or [type(error).__name__]
+    return "training failed (" + "; ".join(parts) + "); Ray's log above has the details"
+
+
+def ray_storage(train_dir: str) -> tuple[str, Any]:
+    """Ray's (storage_path, storage_filesystem): local paths, gs:// and s3:// go as they are
+    (pyarrow reads them natively); any other fsspec URL goes through an fsspec filesystem."""
+    import fsspec
+
+    protocol = fsspec.utils.get_protocol(train_dir)
+    if protocol in ("file", "local"):
+        return ckpt.absolute(train_dir), None
+    if protocol in ("gs", "gcs", "s3"):
+        return train_dir, None
+    import pyarrow.fs
+
+    fs, path = fsspec.core.url_to_fs(train_dir)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+@contextlib.contextmanager
+def ray_cluster(config: Config) -> Iterator[None]:
+    """Connects to `ray.address`, or starts a local cluster sized for the workers and stops it
+    after; an already initialised Ray (a notebook, a test) is used as it is."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if config.ray.address:
+        ray.init(address=config.ray.address, log_to_driver=True)
+    else:
+        per_worker = dict(config.ray.resources_per_worker)
+        workers = config.ray.num_workers
+        custom = {k: v * workers for k, v in per_worker.items() if k not in ("CPU", "GPU")}
+        ray.init(
+            num_cpus=max(1, int(round(per_worker.get("CPU", 1) * workers))),
+            resources=custom or None,
+            include_dashboard=False,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class ProgressLine(UserCallback):
+    """Prints one line per report: on Ray's controller, which sits on the driver's node and whose
+    output Ray forwards to the driver's console."""
+
+    def __init__(self, phase: int, steps: int):
+        self.phase, self.steps = phase, steps
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        row = metrics[0] if metrics else {}
+        if "step" in row:
+            print(format_progress(self.phase, self.steps, row), flush=True)
+
+
+def format_progress(phase: int, steps: int, row: dict) -> str:
+    return (
+        f"phase {phase} step {row['step']}/{steps}  loss {row['loss']:.4f}  perplexity {row['perplexity']:.2f}  "
+        f"lr {row['learning_rate']:.3g}  {row['examples_per_sec']:.1f} examples/s"
+    )

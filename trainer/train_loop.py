@@ -1,0 +1,438 @@
+"""The loop each Ray Train worker runs: MultiWorkerMirroredStrategy and a custom `strategy.run` step.
+
+`train_loop_per_worker` reads like Ray's examples: strategy, data, model, optimizer, restore, loop.
+The helpers below it hold the details:
+
+- One step (`make_train_step`) follows im2txt: the loss is the cross-entropy averaged over the real
+  words of the whole global batch (word and loss sums all-reduced), the gradient of that mean is
+  all-reduced once, clipped by its global norm, and applied. (Keras' optimizer would all-reduce
+  again and clip per replica: `PreReducedSGD` turns its own all-reduce off.)
+- Every `checkpoint_every` steps and at the last step all workers call `ray.train.report` (a
+  barrier in Ray Train v2); rank 0 alone attaches the checkpoint, then rewrites history.jsonl and
+  writes TensorBoard scalars. A report only happens after every step's loss was finite: a NaN or
+  inf loss ends the loop on every worker at once (the loss is all-reduced, so all see it) with
+  `{"error": ...}` as the return value and no checkpoint, and the launcher turns that into an error.
+- Restore order: Ray's latest checkpoint of this phase (weights, optimizer, step, history), else
+  for phase 2 phase 1's published `final/` weights, else fresh weights. The data pipeline is not
+  restored: a resumed run reshuffles with a seed that includes the step it resumed from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import tempfile
+import time
+from typing import Optional
+
+from schemas.config import Config, join_url
+from schemas.errors import ShowtellError
+from trainer import checkpoints as ckpt
+
+log = logging.getLogger("showtell.train")
+
+# Test hook (tests/test_train.py): when set to a file path that does not exist yet, rank 1 creates
+# it and SIGKILLs itself a few seconds after the first checkpoint of a run, once.
+KILL_AFTER_CHECKPOINT_ENV = "SHOWTELL_TEST_KILL_RANK1_AFTER_CHECKPOINT"
+# Ray Train v2 commits a reported checkpoint when its controller next polls the workers (every 2 s
+# by default); a worker that dies before that poll takes the checkpoint with it. The hook waits
+# past one poll, so the test sees what a kill mid-phase costs, not that race.
+_KILL_DELAY_S = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainJob:
+    """Everything a worker needs, resolved by the launcher: plain values, picklable."""
+
+    config: dict  # the whole Config, as JSON-able values (`Config.model_dump(mode="json")`)
+    phase: int  # 1 or 2
+    data_dir: str  # absolute path or URL of the preprocessed records
+    phase_dir: str  # `<run_root>/train/phaseN`: history.jsonl, tensorboard/, Ray's checkpoints
+    vocab_size: int
+    global_batch: int  # per-worker batch x workers
+    steps_per_epoch: float  # examples per epoch / global batch (for the learning-rate decay)
+    init_dir: Optional[str] = None  # phase 2: phase 1's final/ (used only when no checkpoint exists)
+    init_fingerprint: Optional[str] = None  # phase 1's final weights fingerprint, to check the load
+
+    @functools.cached_property
+    def cfg(self) -> Config:
+        return Config.model_validate(self.config)
+
+    @functools.cached_property
+    def phase_cfg(self):
+        cfg = self.cfg
+        return cfg.train.phase1 if self.phase == 1 else cfg.train.phase2
+
+
+@dataclasses.dataclass
+class TrainState:
+    """The loop's own state, saved in every checkpoint's state.json."""
+
+    step: int = 0  # optimizer steps taken in this phase
+    history: list = dataclasses.field(default_factory=list)  # every report so far, in order
+    resumed_from_step: int = 0  # the step this attempt started from (0: a fresh start)
+    init_fingerprint: Optional[str] = None  # phase 2: fingerprint of the weights it started from
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """Ray Train's entry point on each worker; `config` is a `TrainJob` as a dict."""
+    import ray.train
+    import tensorflow as tf
+
+    job = TrainJob(**config)
+    rank = ray.train.get_context().get_world_rank()
+    setup_worker(job, rank)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    checkpoint = ray.train.get_checkpoint()  # the latest of this phase, after a restart or a re-run
+    with strategy.scope():
+        model = build_worker_model(job, pretrained=checkpoint is None and job.init_dir is None)
+        optimizer = make_optimizer(job, model)
+    state = restore(job, model, optimizer, checkpoint)
+    batches = iter(distributed_dataset(strategy, job, state.step))
+    train_step = make_train_step(strategy, model, optimizer, job)
+    sync_statistics = make_statistics_sync(strategy, model, job)
+    reporter = Reporter(job, state, rank)
+    while state.step < job.phase_cfg.steps:
+        loss, grad_norm = train_step(batches)
+        state.step += 1
+        error = reporter.record_step(state.step, float(loss), float(grad_norm))
+        if error:  # every worker sees the same all-reduced loss, so all stop here, none reports
+            reporter.close()
+            return {"error": error, "step": state.step}
+        if reporter.is_due(state.step):
+            sync_statistics()
+            reporter.report(model, optimizer)
+    reporter.close()
+    return {"step": state.step}
+
+
+# --- setup ----------------------------------------------------------------------------------------
+
+
+def setup_worker(job: TrainJob, rank: int) -> None:
+    """Mixed precision, seeds and logging for this worker process; before any model is built.
+
+    Each rank seeds its own image augmentation. Initial weights (and Keras' dropout seed state)
+    are equal on every worker anyway: MultiWorkerMirroredStrategy broadcasts them from the chief.
+    """
+    import keras
+
+    policy = {"off": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[job.cfg.train.mixed_precision]
+    keras.mixed_precision.set_global_policy(policy)
+    keras.utils.set_random_seed(job.cfg.train.seed * 1009 + rank)
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+
+
+def distributed_dataset(strategy, job: TrainJob, start_step: int):
+    """Each worker reads its share of the train shards; per-replica batch = global batch / replicas.
+
+    The shuffle seed mixes in the step a resumed run starts from, so a restart does not replay the
+    batches the lost run already saw.
+    """
+    from trainer.inputs import make_dataset, shard_files
+
+    files = shard_files(job.data_dir, "train")
+    seed = job.cfg.train.seed + start_step
+
+    def dataset_fn(input_context):
+        return make_dataset(
+            files,
+            image_size=job.cfg.model.image_size,
+            batch_size=input_context.get_per_replica_batch_size(job.global_batch),
+            training=True,
+            seed=seed,
+            shuffle_buffer=job.cfg.train.shuffle_buffer,
+            input_context=input_context,
+        )
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def build_worker_model(job: TrainJob, pretrained: bool):
+    """The captioner, with the encoder trainable or frozen as the phase says. Encoder weights
+    (e.g. ImageNet's download) are loaded only when nothing is restored over them."""
+    from trainer.model import build_model
+
+    model_cfg = job.cfg.model
+    if not pretrained:
+        model_cfg = model_cfg.model_copy(update={"encoder_weights": "none"})
+    model = build_model(model_cfg, job.vocab_size)
+    model.set_encoder_trainable(job.phase_cfg.train_encoder)
+    return model
+
+
+def _pre_reduced_sgd_class():
+    import keras
+
+    if not hasattr(keras.optimizers.SGD, "_all_reduce_sum_gradients"):  # guard against a Keras change
+        raise RuntimeError("keras.optimizers.SGD has no _all_reduce_sum_gradients: update trainer.train_loop")
+
+    class PreReducedSGD(keras.optimizers.SGD):
+        """SGD that takes gradients already summed across replicas (Keras would sum them again)."""
+
+        def _all_reduce_sum_gradients(self, grads_and_vars):
+            return list(grads_and_vars)
+
+    return PreReducedSGD
+
+
+def make_optimizer(job: TrainJob, model):
+    """im2txt's plain SGD on the phase's staircase schedule; fp16 wraps it in a LossScaleOptimizer.
+    Built here (inside the strategy scope) so its variables exist before a restore."""
+    import keras
+
+    from trainer.ops import PhaseSchedule
+
+    optimizer = _pre_reduced_sgd_class()(learning_rate=PhaseSchedule(job.phase_cfg, job.steps_per_epoch))
+    if job.cfg.train.mixed_precision == "fp16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    return optimizer
+
+
+def restore(job: TrainJob, model, optimizer, checkpoint) -> TrainState:
+    """Ray's latest checkpoint of this phase, else phase 1's final weights (phase 2), else fresh.
+
+    Every worker loads the same files, so every replica starts equal.
+    """
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            saved = ckpt.load_checkpoint(directory, model, optimizer)
+        state = TrainState(
+            step=int(saved["step"]),
+            history=list(saved.get("history", [])),
+            resumed_from_step=int(saved["step"]),
+            init_fingerprint=saved.get("init_fingerprint"),
+        )
+        log.info("phase %d: resumed from step %d", job.phase, state.step)
+    elif job.init_dir is not None:
+        with tempfile.TemporaryDirectory(prefix="showtell-init-") as scratch:
+            model.load_weights(os.path.join(ckpt.fetch_dir(job.init_dir, scratch), ckpt.WEIGHTS_FILE))
+        fingerprint = ckpt.weights_fingerprint(model)
+        if job.init_fingerprint and fingerprint != job.init_fingerprint:
+            raise ShowtellError(f"weights loaded from {job.init_dir} do not match its state.json fingerprint")
+        state = TrainState(init_fingerprint=fingerprint)
+        log.info("phase %d: starting from %s", job.phase, job.init_dir)
+    else:
+        state = TrainState()
+    if rank == 0:  # drop rows of a lost attempt (after the checkpoint we resume from)
+        ckpt.write_text(join_url(job.phase_dir, ckpt.HISTORY_FILE), ckpt.history_text(state.history))
+    return state
+
+
+# --- the step -------------------------------------------------------------------------------------
+
+
+def make_train_step(strategy, model, optimizer, job: TrainJob):
+    """`train_step(iterator) -> (mean loss over the global batch's words, gradient global norm)`."""
+    import keras
+    import tensorflow as tf
+
+    from trainer.ops import clip_by_global_norm, masked_cross_entropy
+
+    variables = model.trainable_variables
+    clip_norm = job.phase_cfg.clip_gradients
+    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+    @tf.function(jit_compile=job.cfg.train.xla)
+    def local_gradients(features, targets, mask):
+        # Forward and backward of this replica's batch, no collectives (so XLA may compile it):
+        # gradients of this replica's mean word loss, scaled for fp16 when a loss scale is on.
+        with tf.GradientTape() as tape:
+            logits = model(features, training=True)
+            loss_sum, words = masked_cross_entropy(logits, targets, mask)
+            local_mean = loss_sum / tf.maximum(words, 1.0)
+            scaled = optimizer.scale_loss(local_mean)
+        return loss_sum, words, tape.gradient(scaled, variables)
+
+    def replica_step(features, targets, mask):
+        context = tf.distribute.get_replica_context()
+        loss_sum, words, grads = local_gradients(features, targets, mask)
+        global_words = tf.maximum(context.all_reduce(tf.distribute.ReduceOp.SUM, words), 1.0)
+        # sum over replicas of (local mean gradient x local words / global words) = gradient of the
+        # global mean: one all-reduce of the gradients, then clip that global gradient.
+        share = words / global_words
+        grads = context.all_reduce(tf.distribute.ReduceOp.SUM, [g * tf.cast(share, g.dtype) for g in grads])
+        scale = tf.cast(optimizer.dynamic_scale, tf.float32) if loss_scaled else 1.0
+        grads, norm = clip_by_global_norm(grads, clip_norm * scale)
+        optimizer.apply_gradients(zip(grads, variables))
+        return loss_sum / global_words, norm / scale
+
+    @tf.function
+    def train_step(iterator):
+        features, targets, mask = next(iterator)
+        loss, norm = strategy.run(replica_step, args=(features, targets, mask))
+        reduce = tf.distribute.ReduceOp
+        return strategy.reduce(reduce.SUM, loss, axis=None), strategy.reduce(reduce.MEAN, norm, axis=None)
+
+    return train_step
+
+
+def make_statistics_sync(strategy, model, job: TrainJob):
+    """`sync()`: sets the encoder's batch-norm moving statistics to their mean over the replicas.
+
+    Keras 3 creates them with no cross-replica aggregation, so when the encoder trains (phase 2)
+    each worker's drift apart (training reads batch statistics, so the steps stay equal); averaged
+    before each checkpoint, the published model holds statistics of every worker's data.
+    """
+    import tensorflow as tf
+
+    variables = [v for v in model.non_trainable_variables if str(v.dtype).startswith("float")]
+    if not job.phase_cfg.train_encoder or not variables:
+        return lambda: None
+
+    def replica_means():
+        context = tf.distribute.get_replica_context()
+        return context.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v.value) for v in variables])
+
+    @tf.function
+    def sync():
+        means = strategy.run(replica_means)
+        for variable, mean in zip(variables, means):
+            variable.assign(strategy.experimental_local_results(mean)[0])
+
+    return sync
+
+
+# --- reports --------------------------------------------------------------------------------------
+
+
+class Reporter:
+    """Per-step loss bookkeeping, and the every-`checkpoint_every` report: metrics from every
+    worker (Ray's barrier), the checkpoint from rank 0, then history.jsonl and TensorBoard."""
+
+    def __init__(self, job: TrainJob, state: TrainState, rank: int):
+        self.job, self.state, self.rank = job, state, rank
+        self.phase_cfg = job.phase_cfg
+        self._losses: list[float] = []
+        self._norms: list[float] = []
+        self._since = time.time()
+        self._tensorboard = _TensorBoard(join_url(job.phase_dir, ckpt.TENSORBOARD_DIR)) if rank == 0 else None
+
+    def record_step(self, step: int, loss: float, grad_norm: float) -> Optional[str]:
+        """Keeps the step's loss; returns an error message if it is not finite."""
+        if not math.isfinite(loss):
+            lr = _learning_rate(self.job, step - 1)
+            return (
+                f"phase {self.job.phase}: loss is {loss} at step {step} (learning rate {lr:g}); "
+                f"training stopped, no checkpoint of this step was kept or published"
+            )
+        self._losses.append(loss)
+        self._norms.append(grad_norm)
+        return None
+
+    def is_due(self, step: int) -> bool:
+        return step % self.phase_cfg.checkpoint_every == 0 or step == self.phase_cfg.steps
+
+    def report(self, model, optimizer) -> None:
+        import ray.train
+
+        state = self.state
+        now = time.time()
+        loss = sum(self._losses) / len(self._losses)
+        row = {
+            "step": state.step,
+            "loss": loss,
+            "perplexity": _perplexity(loss),
+            "learning_rate": _learning_rate(self.job, state.step - 1),  # the rate of the last step taken
+            "examples_per_sec": self.job.global_batch * len(self._losses) / max(now - self._since, 1e-9),
+            "wall_time": now,
+            "grad_norm": sum(self._norms) / len(self._norms),
+            "resumed_from_step": state.resumed_from_step,
+        }
+        state.history.append(row)
+        with tempfile.TemporaryDirectory(prefix="showtell-ckpt-") as directory:
+            checkpoint = None
+            if self.rank == 0:
+                ckpt.save_checkpoint(directory, model, optimizer, self._checkpoint_state(model))
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(
+                {**row, "phase": self.job.phase}, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{state.step:09d}"
+            )
+        if self.rank == 0:  # after the report: the checkpoint holding this row is committed
+            ckpt.write_text(join_url(self.job.phase_dir, ckpt.HISTORY_FILE), ckpt.history_text(state.history))
+            self._tensorboard.write(row)
+        _maybe_kill_for_test(self.rank)
+        self._losses, self._norms, self._since = [], [], time.time()
+
+    def _checkpoint_state(self, model) -> dict:
+        state = self.state
+        return {
+            "phase": self.job.phase,
+            "step": state.step,
+            "fingerprint": ckpt.weights_fingerprint(model),
+            "init_fingerprint": state.init_fingerprint,
+            "vocab_size": self.job.vocab_size,
+            "global_batch": self.job.global_batch,
+            "metrics": state.history[-1],
+            "history": state.history,
+        }
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def _learning_rate(job: TrainJob, step: int) -> float:
+    from trainer.ops import learning_rate
+
+    return float(learning_rate(max(step, 0), job.phase_cfg, job.steps_per_epoch))
+
+
+def _perplexity(loss: float) -> float:
+    from trainer.ops import perplexity
+
+    return float(perplexity(loss))
+
+
+class _TensorBoard:
+    """Scalars for TensorBoard under `url`; written locally and copied up for object stores.
+
+    Written with `tf.summary.write` and the scalars plugin's metadata, which is what
+    `tf.summary.scalar` writes, without needing the tensorboard package on the workers.
+    """
+
+    NAMES = ("loss", "perplexity", "learning_rate", "examples_per_sec", "grad_norm")
+
+    def __init__(self, url: str):
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+
+        self.url = url
+        self._local = url if ckpt.is_local(url) else tempfile.mkdtemp(prefix="showtell-tb-")
+        self._writer = tf.summary.create_file_writer(ckpt.absolute(self._local))
+        plugin = summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+        self._metadata = summary_pb2.SummaryMetadata(plugin_data=plugin).SerializeToString()
+
+    def write(self, row: dict) -> None:
+        import tensorflow as tf
+
+        with self._writer.as_default():
+            for name in self.NAMES:
+                tf.summary.write(name, tf.constant(row[name], tf.float32), step=row["step"], metadata=self._metadata)
+        self._writer.flush()
+        if self._local != self.url:
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(self.url)
+            fs.put(self._local.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _maybe_kill_for_test(rank: int) -> None:
+    marker = os.environ.get(KILL_AFTER_CHECKPOINT_ENV)
+    if not marker or rank != 1 or os.path.exists(marker):
+        return
+    with open(marker, "w", encoding="utf-8") as handle:
+        json.dump({"pid": os.getpid(), "time": time.time()}, handle)
+    time.sleep(_KILL_DELAY_S)
+    os.kill(os.getpid(), signal.SIGKILL)
