@@ -148,6 +148,22 @@ def fetch_dir(url: str, local_dir: str) -> str:
     return local_dir
 
 
+def load_final_model(final_url: str):
+    """A published `final/` checkpoint as (ShowAndTell with its weights, its Config): all that
+    inference needs. The encoder is built without pretrained weights; the checkpoint has them."""
+    import tempfile
+
+    from schemas.config import build_config
+    from trainer.model import build_model, resolve_vocab_size
+
+    config = build_config(yaml.safe_load(read_text(join_url(final_url, CONFIG_FILE))))
+    model_cfg = config.model.model_copy(update={"encoder_weights": "none"})
+    model = build_model(model_cfg, resolve_vocab_size(model_cfg, read_text(join_url(final_url, WORD_COUNTS_FILE))))
+    with tempfile.TemporaryDirectory(prefix="showtell-final-") as scratch:
+        model.load_weights(os.path.join(fetch_dir(final_url, scratch), WEIGHTS_FILE))
+    return model, config
+
+
 # --- history ----------------------------------------------------------------------------------
 
 

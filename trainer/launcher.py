@@ -55,6 +55,12 @@ def plan_phase(config: Config, phase: int) -> PhasePlan:
         raise ShowtellError(f"no preprocessed data at {data_dir} ({PREPROCESS_REPORT_FILE} missing): run `showtell preprocess` first")
     word_counts = ckpt.read_text(join_url(data_dir, ckpt.WORD_COUNTS_FILE))
     phase_cfg = config.train.phase1 if phase == 1 else config.train.phase2
+    if not phase_cfg.train_encoder and config.model.encoder_weights == "none" and phase == 1:
+        log.warning(
+            "phase 1 freezes the encoder, but model.encoder_weights is `none`: a frozen random encoder "
+            "gives every image the same features, so the captioner will not see the images. Use "
+            "`imagenet` or a weights URL, or set train.phase1.train_encoder=true."
+        )
     global_batch = phase_cfg.batch_size * config.ray.num_workers
     examples = config.train.num_examples_per_epoch or int(report["splits"]["train"]["records_written"])
     if examples <= 0:
@@ -207,8 +213,10 @@ def ray_cluster(config: Config) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    # Workers don't inherit the driver's environment: quiet TensorFlow's C++ logs there too.
+    runtime_env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}}
     if config.ray.address:
-        ray.init(address=config.ray.address, log_to_driver=True)
+        ray.init(address=config.ray.address, log_to_driver=True, runtime_env=runtime_env)
     else:
         per_worker = dict(config.ray.resources_per_worker)
         workers = config.ray.num_workers
@@ -217,6 +225,7 @@ def ray_cluster(config: Config) -> Iterator[None]:
             num_cpus=max(1, int(round(per_worker.get("CPU", 1) * workers))),
             resources=custom or None,
             include_dashboard=False,
+            runtime_env=runtime_env,
         )
     try:
         yield
