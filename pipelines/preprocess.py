@@ -44,6 +44,7 @@ from pipelines.zips import member_names, read_member
 from schemas import records
 from schemas.config import ANNOTATIONS_ZIP, TRAIN_IMAGES_ZIP, VAL_IMAGES_ZIP, Config, join_url
 from schemas.errors import ShowtellError
+from schemas.storage import exists, remove, write_text
 from schemas.tfrecord import write_records
 
 log = logging.getLogger("showtell.preprocess")
@@ -180,9 +181,9 @@ def write_shard(grouped: tuple[tuple[str, int], Iterable[PendingRecord]], output
     yield f"{split}/records/written", written
 
 
-def write_text(text: str, url: str) -> None:
-    with fsspec.open(url, "w", encoding="utf-8") as handle:
-        handle.write(text)
+def write_text_to(text: str, url: str) -> None:
+    """`storage.write_text` with the text first, as beam.Map passes it."""
+    write_text(url, text)
 
 
 def build_preprocess_pipeline(pipeline: beam.Pipeline, plan: PreprocessPlan) -> None:
@@ -205,7 +206,7 @@ def build_preprocess_pipeline(pipeline: beam.Pipeline, plan: PreprocessPlan) -> 
     _ = (
         vocabulary
         | "FormatWordCounts" >> beam.Map(Vocabulary.to_word_counts)
-        | "WriteWordCounts" >> beam.Map(write_text, join_url(plan.output_dir, WORD_COUNTS_FILE))
+        | "WriteWordCounts" >> beam.Map(write_text_to, join_url(plan.output_dir, WORD_COUNTS_FILE))
     )
 
     checked = listed | "CheckImages" >> beam.ParDo(CheckImageFn(plan.max_image_pixels)).with_outputs(
@@ -223,7 +224,7 @@ def build_preprocess_pipeline(pipeline: beam.Pipeline, plan: PreprocessPlan) -> 
         | "SumTallies" >> beam.CombinePerKey(sum)
         | "CollectTallies" >> beam.combiners.ToDict()
         | "ToJson" >> beam.Map(lambda tallies: json.dumps(tallies, sort_keys=True))
-        | "WriteTallies" >> beam.Map(write_text, join_url(plan.output_dir, COUNTS_FILE))
+        | "WriteTallies" >> beam.Map(write_text_to, join_url(plan.output_dir, COUNTS_FILE))
     )
 
 
@@ -235,7 +236,7 @@ def _check_inputs(plan: PreprocessPlan) -> dict[str, int]:
     """Fails fast, before any Beam work, on missing or malformed inputs; counts hostile zip names."""
     for source in plan.sources:
         for url in (source.annotations_zip, source.images_zip):
-            if not _exists(url):
+            if not exists(url):
                 raise ShowtellError(f"{url}: not found (run `showtell download` first)")
         load_captions_document(source)  # raises ShowtellError naming the file on malformed JSON
     unsafe = sum(
@@ -317,17 +318,6 @@ def _commit(staging: str, final: str) -> None:
     fs.mv(staging_path, final_path, recursive=True)
 
 
-def _exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
-
-
-def _remove(url: str) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
 def run_preprocess(config: Config) -> dict:
     """Runs the pipeline on the configured runner and publishes `<run_root>/data/`; returns the report."""
     import tensorflow_transform.beam as tft_beam
@@ -349,17 +339,17 @@ def run_preprocess(config: Config) -> dict:
         _complete_shard_set(plan)
         with fsspec.open(join_url(staging, COUNTS_FILE), "r") as handle:
             tallies = {**json.load(handle), **extra_tallies}
-        _remove(join_url(staging, COUNTS_FILE))
+        remove(join_url(staging, COUNTS_FILE))
         with fsspec.open(join_url(staging, WORD_COUNTS_FILE), "r", encoding="utf-8") as handle:
             vocabulary = parse_word_counts(handle.read())
         report = build_report(tallies, plan, vocabulary, time.time() - started)
         report["output_dir"] = config.data_dir
-        write_text(records.record_schema_text(), join_url(staging, SCHEMA_FILE))
-        write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", join_url(staging, REPORT_FILE))
+        write_text(join_url(staging, SCHEMA_FILE), records.record_schema_text())
+        write_text(join_url(staging, REPORT_FILE), json.dumps(report, indent=2, sort_keys=True) + "\n")
         _commit(staging, config.data_dir)
     finally:
-        _remove(staging)
-        _remove(temp_dir)
+        remove(staging)
+        remove(temp_dir)
     log.info("preprocess: %d records in %.1f s", report["records_written"], report["seconds"])
     return report
 
