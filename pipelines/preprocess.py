@@ -44,7 +44,7 @@ from pipelines.zips import member_names, read_member
 from schemas import records
 from schemas.config import ANNOTATIONS_ZIP, TRAIN_IMAGES_ZIP, VAL_IMAGES_ZIP, Config, join_url
 from schemas.errors import ShowtellError
-from schemas.storage import exists, remove, write_text
+from schemas.storage import exists, remove, replace_dir, write_text
 from schemas.tfrecord import write_records
 
 log = logging.getLogger("showtell.preprocess")
@@ -294,7 +294,6 @@ def build_report(tallies: dict[str, int], plan: PreprocessPlan, vocabulary: Voca
         },
         "annotations": nested.get("annotations", {}),
         "records_written": sum(s["records_written"] for s in splits.values()),
-        "output_dir": plan.output_dir,
         "seconds": round(seconds, 1),
     }
 
@@ -307,15 +306,6 @@ def _complete_shard_set(plan: PreprocessPlan) -> None:
             path = f"{root}/{name}"
             if not fs.exists(path):
                 fs.touch(path)
-
-
-def _commit(staging: str, final: str) -> None:
-    """Replaces `final` by `staging` (a rename on local disks; copy + delete on object stores)."""
-    fs, final_path = fsspec.core.url_to_fs(final)
-    _, staging_path = fsspec.core.url_to_fs(staging)
-    if fs.exists(final_path):
-        fs.rm(final_path, recursive=True)
-    fs.mv(staging_path, final_path, recursive=True)
 
 
 def run_preprocess(config: Config) -> dict:
@@ -346,7 +336,7 @@ def run_preprocess(config: Config) -> dict:
         report["output_dir"] = config.data_dir
         write_text(join_url(staging, SCHEMA_FILE), records.record_schema_text())
         write_text(join_url(staging, REPORT_FILE), json.dumps(report, indent=2, sort_keys=True) + "\n")
-        _commit(staging, config.data_dir)
+        replace_dir(staging, config.data_dir, marker=REPORT_FILE)
     finally:
         remove(staging)
         remove(temp_dir)

@@ -60,3 +60,29 @@ def remove(url: str) -> None:
     if fs.exists(path):
         fs.rm(path, recursive=True)
 
+
+def replace_dir(source: str, dest: str, marker: Optional[str] = None) -> None:
+    """Puts folder `source` in the place of folder `dest`.
+
+    On a local disk by renames: an old `dest` steps aside first, so `dest` is never missing
+    and never a mix. On object stores, where a folder "rename" is copy + delete, the old `dest`
+    is removed and `source` copied file by file with `marker` (a file name) last, so its
+    presence marks a complete `dest`. The caller removes what is left of `source`.
+    """
+    fs, source_path = fsspec.core.url_to_fs(source)
+    _, dest_path = fsspec.core.url_to_fs(dest)
+    if is_local(source):
+        old = None
+        if os.path.exists(dest_path):
+            old = f"{dest_path}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(dest_path, old)
+        os.replace(source_path, dest_path)
+        if old:
+            fs.rm(old, recursive=True)
+        return
+    if fs.exists(dest_path):
+        fs.rm(dest_path, recursive=True)
+    files = sorted(fs.find(source_path), key=lambda path: marker is not None and path.endswith(f"/{marker}"))
+    for path in files:
+        fs.copy(path, dest_path + path[len(source_path.rstrip("/")) :])
+

@@ -28,7 +28,7 @@ import fsspec
 import yaml
 
 from schemas.config import join_url
-from schemas.storage import absolute, exists, is_local, read_json, read_text, write_text
+from schemas.storage import absolute, exists, is_local, read_json, read_text, replace_dir, write_text
 
 WEIGHTS_FILE = "model.weights.h5"
 OPTIMIZER_FILE = "optimizer.npz"
@@ -163,31 +163,11 @@ def publish_final(checkpoint_dir: str, phase_dir: str, config_tree: dict[str, An
         state = read_state(checkpoint_dir)
         state.pop("history", None)  # history.jsonl sits next to final/
         write_text(join_url(staging, STATE_FILE), json.dumps(state, indent=1, sort_keys=True) + "\n")
-        _replace_dir(staging, final)
+        replace_dir(staging, final, marker=STATE_FILE)
     finally:
         if fs.exists(staging_path):
             fs.rm(staging_path, recursive=True)
     return final
-
-
-def _replace_dir(source: str, dest: str) -> None:
-    fs, source_path = fsspec.core.url_to_fs(source)
-    _, dest_path = fsspec.core.url_to_fs(dest)
-    if is_local(source):
-        # Two renames: the old final/ steps aside, the new one takes its place, the old one goes.
-        old = None
-        if os.path.exists(dest_path):
-            old = f"{dest_path}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dest_path, old)
-        os.replace(source_path, dest_path)
-        if old:
-            fs.rm(old, recursive=True)
-        return
-    if fs.exists(dest_path):
-        fs.rm(dest_path, recursive=True)
-    names = sorted(fs.ls(source_path, detail=False), key=lambda p: p.endswith(STATE_FILE))
-    for name in names:  # state.json last: its presence marks a complete final/
-        fs.copy(name, f"{dest_path}/{name.rsplit('/', 1)[-1]}")
 
 
 def published_state(phase_dir: str) -> Optional[dict]:
