@@ -24,6 +24,7 @@ setup(
         "pydantic>=2.5",  # typed config schema
         "pyyaml>=6",
         "tqdm>=4.66",  # progress bars on a terminal
+        "pycocoevalcap>=1.2",  # COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr; Java for METEOR and tokenizing)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.2"],

@@ -6,7 +6,7 @@ names the dotted key at fault and why, e.g. ``data.shards.train: Input should be
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -131,6 +131,12 @@ class Train(_Strict):
     shuffle_buffer: int = Field(2048, ge=0)  # records shuffled in memory per worker
     seed: int = 0  # seeds weight init, shuffling and augmentation
 
+    def phase(self, number: int) -> Phase:
+        """`phase1` or `phase2` by number; any other number is a ShowtellError."""
+        if number not in (1, 2):
+            raise ShowtellError(f"--phase must be 1 or 2, not {number}")
+        return self.phase1 if number == 1 else self.phase2
+
 
 class Ray(_Strict):
     address: Optional[str] = None  # an existing cluster (`auto`, `ray://host:10001`); null starts a local one
@@ -140,6 +146,27 @@ class Ray(_Strict):
     max_failures: int = Field(0, ge=-1)  # worker failures survived by restarting from the last checkpoint (-1: forever)
 
 
+# COCO caption metrics as pycocoevalcap names them; SPICE only with `eval.spice`.
+Metric = Literal["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"]
+METRICS: tuple[str, ...] = get_args(Metric)
+
+
+class Eval(_Strict):
+    """The batch evaluation of every collected checkpoint (REFERENCE.md, "Inference")."""
+
+    split: Literal["train", "val", "test"] = "test"  # the split whose images are captioned and scored
+    # `all`: both phases' final/ and every checkpoint Ray kept; `final`: the two final/ only.
+    checkpoints: Literal["all", "final"] = "all"
+    beam_size: int = Field(3, gt=0)  # beam width (im2txt: 3)
+    max_caption_length: int = Field(20, gt=0)  # words per caption at most, </S> not counted (im2txt: 20)
+    length_normalization: float = Field(0.0, ge=0)  # rank finished captions by log p / words**this; 0: off (im2txt)
+    batch_size: int = Field(64, gt=0)  # images per beam-search batch (one model call per step for all beams)
+    select_by: Metric = "CIDEr"  # the metric that names best.json (higher is better)
+    spice: bool = False  # also SPICE (Java; fetches Stanford CoreNLP on first use, so off by default)
+    max_images: Optional[int] = Field(None, gt=0)  # evaluate only this many images of the split; null: all
+    report_images: int = Field(12, ge=0)  # test images shown with their captions in report.html
+
+
 class Config(_Strict):
     run_root: str  # fsspec URL every step writes under (a local path, gs://..., s3://...)
     data: Data = Data()  # where data comes from and how records are written
@@ -147,6 +174,7 @@ class Config(_Strict):
     model: Model = Model()  # the captioner
     train: Train = Train()  # the two training phases
     ray: Ray = Ray()  # where and how wide training runs
+    eval: Eval = Eval()  # how checkpoints are evaluated
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> "Config":
@@ -163,6 +191,11 @@ class Config(_Strict):
     def train_dir(self) -> str:
         """`<run_root>/train`: Ray's storage, and phase{1,2}/final/ + history.jsonl per phase."""
         return join_url(self.run_root, "train")
+
+    @property
+    def eval_dir(self) -> str:
+        """`<run_root>/eval`: report.json, report.html, best.json."""
+        return join_url(self.run_root, "eval")
 
 
 def join_url(base: str, *parts: str) -> str:

@@ -268,3 +268,21 @@ def test_shipped_mscoco_config_accepts_the_dataflow_overrides_its_comment_shows(
 
     assert config.data.mirror == "gs://my-bucket/showtell/raw"
     assert config.beam.options == ["--project=p", "--region=us-central1", "--temp_location=gs://my-bucket/tmp"]
+
+
+def test_train_phase_picks_a_phase_by_number_and_rejects_others():
+    config = build_config({"run_root": "r", "train": {"phase1": {"steps": 7}, "phase2": {"steps": 9}}})
+
+    assert (config.train.phase(1).steps, config.train.phase(2).steps) == (7, 9)
+    with pytest.raises(ShowtellError, match="must be 1 or 2, not 3"):
+        config.train.phase(3)
+
+
+def test_eval_defaults_are_im2txt_inference_and_select_by_cider():
+    config = build_config({"run_root": "r"})
+
+    assert (config.eval.beam_size, config.eval.max_caption_length, config.eval.length_normalization) == (3, 20, 0.0)
+    assert config.eval.select_by == "CIDEr" and config.eval.split == "test"
+    assert config.eval_dir == "r/eval"
+    with pytest.raises(ConfigError, match="eval.select_by"):
+        build_config({"run_root": "r", "eval": {"select_by": "accuracy"}})

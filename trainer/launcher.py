@@ -43,8 +43,7 @@ class PhasePlan:
 
 def plan_phase(config: Config, phase: int) -> PhasePlan:
     """Resolves and checks everything a phase needs before any worker starts."""
-    if phase not in (1, 2):
-        raise ShowtellError(f"--phase must be 1 or 2, not {phase}")
+    phase_cfg = config.train.phase(phase)
     from trainer.model import resolve_vocab_size
 
     run_root = ckpt.absolute(config.run_root)
@@ -54,7 +53,6 @@ def plan_phase(config: Config, phase: int) -> PhasePlan:
     if report is None:
         raise ShowtellError(f"no preprocessed data at {data_dir} ({PREPROCESS_REPORT_FILE} missing): run `showtell preprocess` first")
     word_counts = ckpt.read_text(join_url(data_dir, ckpt.WORD_COUNTS_FILE))
-    phase_cfg = config.train.phase1 if phase == 1 else config.train.phase2
     if not phase_cfg.train_encoder and config.model.encoder_weights == "none" and phase == 1:
         log.warning(
             "phase 1 freezes the encoder, but model.encoder_weights is `none`: a frozen random encoder "
@@ -96,7 +94,7 @@ def run_phase(config: Config, phase: int) -> dict:
     A phase whose `final/` already holds its configured steps is not run again (no Ray, no
     TensorFlow: a re-run is fast); a half-finished phase resumes from Ray's latest checkpoint.
     """
-    phase_cfg = config.train.phase1 if phase == 1 else config.train.phase2
+    phase_cfg = config.train.phase(phase)
     phase_dir = join_url(ckpt.absolute(config.train_dir), ckpt.phase_name(phase))
     published = ckpt.published_state(phase_dir)
     if published is not None and published["step"] >= phase_cfg.steps:

@@ -64,8 +64,7 @@ class TrainJob:
 
     @functools.cached_property
     def phase_cfg(self):
-        cfg = self.cfg
-        return cfg.train.phase1 if self.phase == 1 else cfg.train.phase2
+        return self.cfg.train.phase(self.phase)
 
 
 @dataclasses.dataclass
