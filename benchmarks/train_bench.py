@@ -99,6 +99,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpu", action="store_true", help="Inception v3, 299x299, batch 32, 1 GPU worker")
     parser.add_argument("--input-seconds", type=float, default=20.0, help="how long to time the input pipeline")
     parser.add_argument("--workdir", type=Path, help="where to write (default: a fresh temp dir)")
+    parser.add_argument("--skip-training", action="store_true", help="time the input pipeline only")
     # Internal: time the input pipeline over this file in a process of its own (it pins itself to one core).
     parser.add_argument("--input-only", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -129,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = [sys.executable, __file__, "--input-only", str(records), "--input-seconds", str(args.input_seconds)]
     child = subprocess.run(command, capture_output=True, text=True)
     print(child.stdout.strip() or child.stderr[-3000:])
+    if args.skip_training:
+        return 0
     for workers in (1, 2):
         for phase, rate in training_examples_per_second(workdir, [], workers).items():
             print(f"training {phase}, {workers} worker(s), demo config: {rate:8.1f} examples/s")

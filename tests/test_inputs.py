@@ -175,8 +175,18 @@ def _crop_windows(jpeg: bytes) -> dict:
     return windows
 
 
-def _matching_crops(image: np.ndarray, windows: dict) -> list:
-    return [key for key, window in windows.items() if np.allclose(image, window, atol=1e-5)]
+# Training decodes only the crop's window of source pixels (inputs.crop_window), so its crop
+# matches the resized image's up to a sub-pixel shift: a mean difference (in [-1, 1] units) of
+# 0.01-0.04 on this small test image, where crops one pixel apart differ by 0.05-0.07 and others
+# by more.
+CROP_TOLERANCE = 0.045
+
+
+def _closest_crop(image: np.ndarray, windows: dict) -> tuple[tuple, float]:
+    """The crop of `windows` nearest `image`, and their mean absolute difference."""
+    errors = {key: float(np.abs(image - window).mean()) for key, window in windows.items()}
+    key = min(errors, key=errors.get)
+    return key, errors[key]
 
 
 def test_training_images_are_random_crops_of_the_resized_image_flipped_at_random(monkeypatch):
@@ -188,9 +198,9 @@ def test_training_images_are_random_crops_of_the_resized_image_flipped_at_random
     for _ in range(30):
         image = inputs.preprocess_image(tf.constant(jpeg), IMAGE_SIZE, training=True).numpy()
         assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
-        matches = _matching_crops(image, windows)
-        assert matches, "a training image is not a (flipped) crop of the resized image"
-        found.update(matches)
+        crop, error = _closest_crop(image, windows)
+        assert error < CROP_TOLERANCE, f"a training image is not a (flipped) crop of the resized image: {crop} {error}"
+        found.add(crop)
 
     assert len({(top, left) for top, left, _ in found}) > 1
     assert {flipped for _, _, flipped in found} == {False, True}
@@ -203,7 +213,8 @@ def test_training_images_get_colour_distortion_within_range():
     for _ in range(4):
         image = inputs.preprocess_image(tf.constant(jpeg), IMAGE_SIZE, training=True).numpy()
         assert image.min() >= -1.0 and image.max() <= 1.0
-        assert not _matching_crops(image, windows), "colours were not distorted"
+        _, error = _closest_crop(image, windows)
+        assert error > CROP_TOLERANCE, "colours were not distorted"
 
 
 def test_distort_colours_clips_to_unit_range():
@@ -226,3 +237,24 @@ def test_fused_saturation_and_hue_equal_tensorflows_two_kernels(saturation_facto
     fused = inputs.adjust_saturation_and_hue(image, tf.constant(saturation_factor), tf.constant(hue_delta))
 
     np.testing.assert_allclose(fused.numpy(), expected.numpy(), atol=2e-6)
+
+
+def test_crop_window_maps_a_resized_crop_back_to_source_pixels():
+    shape = tf.constant([480, 640, 3])  # a COCO-sized photograph, resized to 346x346 for 299 crops
+
+    assert inputs.crop_window(shape, 299, tf.constant([0, 0])).numpy().tolist() == [0, 0, 415, 553]
+    # 47 = 346 - 299, the last crop: 47 * 480 / 346 = 65.2, 47 * 640 / 346 = 86.9.
+    assert inputs.crop_window(shape, 299, tf.constant([47, 47])).numpy().tolist() == [65, 87, 415, 553]
+
+
+def test_training_decodes_png_records_through_the_whole_image_path(monkeypatch):
+    monkeypatch.setattr(inputs, "distort_colours", lambda image: image)  # geometry only
+    pixels = np.asarray(Image.open(io.BytesIO(_jpeg(4))))
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, "PNG")
+    windows = _crop_windows(png.getvalue())
+
+    image = inputs.preprocess_image(tf.constant(png.getvalue()), IMAGE_SIZE, training=True).numpy()
+
+    assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert _closest_crop(image, windows)[1] < CROP_TOLERANCE
