@@ -88,6 +88,11 @@ class Model(_Strict):
     dropout_keep: float = Field(0.7, gt=0, le=1)  # keep probability of the LSTM's inputs and outputs when training
     init_scale: float = Field(0.08, gt=0)  # weights start uniform in [-init_scale, init_scale]
     vocab_size: Optional[int] = Field(None, gt=0)  # null: lines of word_counts.txt + 1 (for <UNK>)
+    # Momentum of the encoder's batch-norm moving statistics; null keeps the encoder's own (0.999
+    # for MobileNetV3, 0.99 for Inception v3). A randomly initialised encoder trained briefly
+    # (the CPU demo) needs a short one, or inference-mode features stay those of the initial
+    # statistics and every image looks alike.
+    batch_norm_momentum: Optional[float] = Field(None, gt=0, lt=1)
 
 
 class Phase(_Strict):

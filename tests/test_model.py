@@ -136,6 +136,23 @@ def test_phase2_trains_everything_again(fresh_model):
     assert not _same_arrays(before, _moving_means(fresh_model.encoder))
 
 
+def test_a_short_batch_norm_momentum_lets_inference_features_catch_up_with_training():
+    # A randomly initialised encoder trained briefly: with MobileNetV3's own momentum (0.999) the
+    # moving statistics stay near their initial values, so inference-mode features are far from
+    # training-mode ones (and alike for every image); with a short momentum they converge.
+    images = _batch()["images"]
+    gaps = {}
+    for momentum in (None, 0.5):
+        keras.utils.set_random_seed(2)
+        encoder = showtell_model.build_encoder(SMALL.model_copy(update={"batch_norm_momentum": momentum}))
+        for _ in range(20):
+            encoder(images, training=True)
+        gap = encoder(images, training=True) - encoder(images, training=False)
+        gaps[momentum] = float(tf.reduce_mean(tf.abs(gap)))
+
+    assert gaps[0.5] < gaps[None] / 10, gaps
+
+
 def test_dropout_acts_only_when_training(fresh_model):
     fresh_model.set_encoder_trainable(False)  # batch norms in inference mode: dropout is the only change
     batch = _batch()

@@ -68,6 +68,10 @@ def build_encoder(model_cfg: Model) -> keras.Model:
         raise ShowtellError(f"model.encoder {model_cfg.encoder} at model.image_size {size}: {error}") from None
     if model_cfg.encoder_weights not in NAMED_WEIGHTS:
         load_encoder_weights(encoder, model_cfg.encoder_weights, model_cfg.encoder)
+    if model_cfg.batch_norm_momentum is not None:
+        for layer in encoder.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = model_cfg.batch_norm_momentum
     return encoder
 
 
