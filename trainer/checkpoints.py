@@ -105,20 +105,38 @@ def fetch_dir(url: str, local_dir: str) -> str:
     return local_dir
 
 
-def load_final_model(final_url: str):
-    """A published `final/` checkpoint as (ShowAndTell with its weights, its Config): all that
-    inference needs. The encoder is built without pretrained weights; the checkpoint has them."""
-    import tempfile
-
-    from schemas.config import build_config
+def build_inference_model(model_cfg, word_counts_text: str):
+    """A ShowAndTell of `model_cfg` (a `schemas.config.Model`) sized for the vocabulary of
+    `word_counts_text`, its encoder built without pretrained weights: a checkpoint's weights go in next."""
     from trainer.model import build_model, resolve_vocab_size
 
+    model_cfg = model_cfg.model_copy(update={"encoder_weights": "none"})
+    return build_model(model_cfg, resolve_vocab_size(model_cfg, word_counts_text))
+
+
+def load_weights(model, checkpoint_url: str) -> None:
+    """Loads the weights of the checkpoint folder at `checkpoint_url` (a kept
+    `checkpoint_NNNNNNNNN/` or a `final/`, any fsspec URL) into a built `model`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="showtell-checkpoint-") as scratch:
+        model.load_weights(os.path.join(fetch_dir(checkpoint_url, scratch), WEIGHTS_FILE))
+
+
+def load_checkpoint_model(checkpoint_url: str, model_cfg, word_counts_text: str):
+    """`build_inference_model(model_cfg, word_counts_text)` with the checkpoint's weights loaded."""
+    model = build_inference_model(model_cfg, word_counts_text)
+    load_weights(model, checkpoint_url)
+    return model
+
+
+def load_final_model(final_url: str):
+    """A published `final/` checkpoint as (ShowAndTell with its weights, its Config): all that
+    inference needs, from the config and vocabulary published with it."""
+    from schemas.config import build_config
+
     config = build_config(yaml.safe_load(read_text(join_url(final_url, CONFIG_FILE))))
-    model_cfg = config.model.model_copy(update={"encoder_weights": "none"})
-    model = build_model(model_cfg, resolve_vocab_size(model_cfg, read_text(join_url(final_url, WORD_COUNTS_FILE))))
-    with tempfile.TemporaryDirectory(prefix="showtell-final-") as scratch:
-        model.load_weights(os.path.join(fetch_dir(final_url, scratch), WEIGHTS_FILE))
-    return model, config
+    return load_checkpoint_model(final_url, config.model, read_text(join_url(final_url, WORD_COUNTS_FILE))), config
 
 
 # --- history ----------------------------------------------------------------------------------

@@ -1,0 +1,311 @@
+"""`showtell evaluate` (pipelines/evaluate.py): listing checkpoints, reading the split, the inputs
+it refuses; and, on the demo's trained run (slow), the whole Beam pipeline: its three files, a
+corrupt checkpoint reported and not fatal, metrics equal to pycocoevalcap's own on the same
+captions, the model beating a blind baseline, no Java left running, and a real browser's
+screenshot of report.html."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from pipelines.evaluate import (
+    FINAL,
+    INTERMEDIATE,
+    CheckpointRef,
+    blank_jpeg,
+    list_checkpoints,
+    plan_from_config,
+    reference_of,
+    run_evaluate,
+    split_images,
+)
+from pipelines.report import BEST_FILE, HTML_FILE, REPORT_FILE
+from schemas import records
+from schemas.config import METRICS, build_config, load_config
+from schemas.errors import ShowtellError
+from schemas.tfrecord import write_records
+from tests.test_coco_metrics import direct_scores
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def make_train_dir(root, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def test_lists_finals_and_kept_checkpoints_by_phase_then_step(tmp_path):
+    make_train_dir(
+        tmp_path,
+        {
+            "phase1/checkpoint_000000200/model.weights.h5": "",
+            "phase1/checkpoint_000000100/model.weights.h5": "",
+            "phase1/final/state.json": json.dumps({"step": 200}),
+            "phase1/checkpoint_manager_snapshot.json": "{}",  # not a checkpoint
+            "phase1/checkpoint_tmp12/x": "",  # not one of Ray's kept checkpoints
+            "phase2/checkpoint_000000050/model.weights.h5": "",
+            "phase2/final/state.json": "not json",  # listed; fails when evaluated
+        },
+    )
+    root = str(tmp_path)
+    assert list_checkpoints(root) == [
+        CheckpointRef(1, 100, INTERMEDIATE, f"{root}/phase1/checkpoint_000000100"),
+        CheckpointRef(1, 200, INTERMEDIATE, f"{root}/phase1/checkpoint_000000200"),
+        CheckpointRef(1, 200, FINAL, f"{root}/phase1/final"),
+        CheckpointRef(2, 50, INTERMEDIATE, f"{root}/phase2/checkpoint_000000050"),
+        CheckpointRef(2, None, FINAL, f"{root}/phase2/final"),
+    ]
+    assert [ref.kind for ref in list_checkpoints(root, "final")] == [FINAL, FINAL]
+    assert list_checkpoints(str(tmp_path / "nothing")) == []
+
+
+def test_lists_checkpoints_at_a_url():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/evaltest/train/phase1/checkpoint_000000100/model.weights.h5", b"")
+    fs.pipe("/evaltest/train/phase1/final/state.json", b'{"step": 100}')
+    try:
+        refs = list_checkpoints("memory://evaltest/train")
+    finally:
+        fs.rm("/evaltest", recursive=True)
+    assert [(r.phase, r.step, r.kind, r.url) for r in refs] == [
+        (1, 100, INTERMEDIATE, "memory://evaltest/train/phase1/checkpoint_000000100"),
+        (1, 100, FINAL, "memory://evaltest/train/phase1/final"),
+    ]
+
+
+def write_shard(path, examples) -> None:
+    with open(path, "wb") as handle:
+        serialized = (records.encode_sequence_example(i, jpeg, tokens, range(len(tokens))) for i, jpeg, tokens in examples)
+        write_records(handle, serialized)
+
+
+def test_references_are_raw_tokens_and_images_stream_once_each(tmp_path):
+    caption = ["<S>", "a", "red", "circle", ".", "</S>"]
+    write_shard(tmp_path / "test-00000-of-00002", [(7, b"seven", caption), (3, b"three", caption), (7, b"seven", caption)])
+    write_shard(tmp_path / "test-00001-of-00002", [(5, b"five", caption), (3, b"three", caption)])
+    files = [str(tmp_path / "test-00000-of-00002"), str(tmp_path / "test-00001-of-00002")]
+
+    serialized = records.encode_sequence_example(7, b"x", caption, range(6))
+    assert reference_of(serialized) == (7, "a red circle .")
+    assert list(split_images(files)) == [(7, b"seven"), (3, b"three"), (5, b"five")]
+    assert list(split_images(files, limit=2)) == [(7, b"seven"), (3, b"three")]
+
+
+def test_the_blind_image_is_a_uniform_grey_jpeg():
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(blank_jpeg(64)))
+    assert image.format == "JPEG" and image.size == (64, 64)
+    low, high = image.convert("L").getextrema()
+    assert 120 <= low <= high <= 136
+
+
+def test_refuses_spice_unasked_and_a_run_without_data_checkpoints_or_java(tmp_path, monkeypatch):
+    config = build_config({"run_root": str(tmp_path)})
+    with pytest.raises(ShowtellError, match="eval.select_by is SPICE, which is only computed with eval.spice: true"):
+        plan_from_config(build_config({"run_root": str(tmp_path), "eval": {"select_by": "SPICE"}}), str(tmp_path / "out"))
+    with pytest.raises(ShowtellError, match="no preprocessed data .*run `showtell preprocess` first"):
+        plan_from_config(config, str(tmp_path / "out"))
+
+    report = {"splits": {split: {"records_written": 5 if split != "test" else 0} for split in ("train", "val", "test")}}
+    make_train_dir(tmp_path, {"data/preprocess_report.json": json.dumps(report)})
+    with pytest.raises(ShowtellError, match="the test split has no records"):
+        plan_from_config(config, str(tmp_path / "out"))
+
+    report["splits"]["test"]["records_written"] = 5
+    make_train_dir(tmp_path, {"data/preprocess_report.json": json.dumps(report)})
+    with pytest.raises(ShowtellError, match="no checkpoints under .*run `showtell train --phase 1` first"):
+        plan_from_config(config, str(tmp_path / "out"))
+
+    make_train_dir(tmp_path, {"train/phase1/final/state.json": "{}"})
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ShowtellError, match="need Java"):
+        plan_from_config(config, str(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline on the demo's trained run (slow)
+
+
+def meteor_and_tokenizer_pids() -> set[int]:
+    """Java processes of pycocoevalcap (METEOR, the CoreNLP tokenizer) running now."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    cmdline = handle.read()
+            except OSError:
+                continue
+            if b"meteor-1.5.jar" in cmdline or b"stanford-corenlp" in cmdline:
+                pids.add(int(entry))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def evaluated(demo_run, tmp_path_factory):
+    """`showtell evaluate` on a copy of the demo's run in which two phase 1 checkpoints are bad:
+    200's weights file is truncated (does not load), 300's holds checkpoint 100's weights (loads,
+    but not the weights its state.json names)."""
+    root = tmp_path_factory.mktemp("evaluate") / "run"
+    root.mkdir()
+    (root / "data").symlink_to(demo_run.run_root / "data")
+    shutil.copytree(demo_run.run_root / "train", root / "train", ignore=shutil.ignore_patterns("tensorboard"))
+    phase1 = root / "train" / "phase1"
+    truncated = phase1 / "checkpoint_000000200" / "model.weights.h5"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    shutil.copy(phase1 / "checkpoint_000000100" / "model.weights.h5", phase1 / "checkpoint_000000300" / "model.weights.h5")
+
+    java_before = meteor_and_tokenizer_pids()
+    from orchestration.cli import main as cli_main
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli_main(["evaluate", "--config", demo_run.config_path, "--set", f"run_root={root}"])
+    assert code == 0
+    return {
+        "root": root,
+        "stdout": stdout.getvalue(),
+        "report": json.loads((root / "eval" / REPORT_FILE).read_text()),
+        "listed": list_checkpoints(str(root / "train")),
+        "java_before": java_before,
+    }
+
+
+def entry(report: dict, phase: int, kind: str, step: int | None = None) -> dict:
+    return next(
+        c for c in report["checkpoints"] if c["phase"] == phase and c["kind"] == kind and (step is None or c["step"] == step)
+    )
+
+
+@pytest.mark.slow
+def test_writes_report_html_and_best_and_reports_bad_checkpoints(evaluated):
+    root, report = evaluated["root"], evaluated["report"]
+    assert sorted(p.name for p in (root / "eval").iterdir()) == sorted([BEST_FILE, REPORT_FILE, HTML_FILE])
+    assert not [p for p in root.iterdir() if p.name.startswith("eval.staging")]
+
+    # Every collected checkpoint is in the report: both finals and every kept one.
+    assert [(c["phase"], c["step"], c["kind"]) for c in report["checkpoints"]] == [
+        (r.phase, r.step, r.kind) for r in evaluated["listed"]
+    ]
+    kinds = {(c["phase"], c["kind"]) for c in report["checkpoints"]}
+    assert kinds == {(1, FINAL), (2, FINAL), (1, INTERMEDIATE), (2, INTERMEDIATE)}
+    failed = {c["step"]: c["error"] for c in report["checkpoints"] if c["status"] == "failed"}
+    assert set(failed) == {200, 300} and all(c["phase"] == 1 for c in report["checkpoints"] if c["status"] == "failed")
+    assert "truncated" in failed[200].lower() or "unable to" in failed[200].lower(), failed[200]
+    assert "do not match the fingerprint" in failed[300]
+    assert report["counts"] == {"checkpoints": len(evaluated["listed"]), "ok": len(evaluated["listed"]) - 2, "failed": 2}
+
+    test_images = {i for i, _ in split_images(records_files(root))}
+    for c in report["checkpoints"]:
+        if c["status"] != "ok":
+            continue
+        assert list(c["metrics"]) == [m for m in METRICS if m != "SPICE"]
+        assert 1 < c["perplexity"] < 100
+        assert {x["image_id"] for x in c["captions"]} == test_images and report["images"] == len(test_images)
+        assert all(len(x["references"]) == 5 and 0 < x["p"] <= 1 and x["caption"] for x in c["captions"])
+        assert c["blind"]["caption"] and set(c["blind"]["metrics"]) == set(c["metrics"])
+
+    best = json.loads((root / "eval" / BEST_FILE).read_text())
+    assert best == report["best"] and best["select_by"] == "CIDEr"
+    ok = [c for c in report["checkpoints"] if c["status"] == "ok"]
+    assert best["value"] == max(c["metrics"]["CIDEr"] for c in ok)
+    assert entry(report, best["checkpoint"]["phase"], best["checkpoint"]["kind"], best["checkpoint"]["step"])["status"] == "ok"
+
+    page = (root / "eval" / HTML_FILE).read_text()
+    assert page.count("<img ") == min(report["eval"]["report_images"], report["images"])
+    assert page.count("<svg ") == len(METRICS) - 1 + 1  # a chart per metric (no SPICE) and perplexity
+
+    # What the CLI (and so `make demo`) prints: the report's path, the table, three samples.
+    out = evaluated["stdout"]
+    assert f"{root}/eval/report.json" in out and "perplexity" in out and "CIDEr" in out
+    assert out.count("FAILED:") == 2 and out.count("<- best") == 1
+    assert sum(line.strip().startswith("image ") for line in out.splitlines()) == 3
+
+
+def records_files(root) -> list[str]:
+    return sorted(str(p) for p in (root / "data").iterdir() if p.name.startswith("test-"))
+
+
+@pytest.mark.slow
+def test_metrics_are_pycocoevalcaps_on_the_same_captions(evaluated):
+    report = evaluated["report"]
+    checked = [entry(report, 1, FINAL), entry(report, 2, FINAL)]
+    references = {x["image_id"]: x["references"] for x in checked[0]["captions"]}
+    candidate_sets = [{x["image_id"]: x["caption"] for x in c["captions"]} for c in checked]
+    candidate_sets.append({image_id: checked[1]["blind"]["caption"] for image_id in references})
+    direct = direct_scores(references, *candidate_sets)
+    for c, scores in zip(checked, direct):
+        assert c["metrics"] == pytest.approx(scores, abs=1e-9), c["url"]
+    assert checked[1]["blind"]["metrics"] == pytest.approx(direct[2], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_trained_model_beats_a_blind_baseline(evaluated, demo_run):
+    """The demo's trained model (phase 2's final) captions the test images; fed a blank image
+    for every one of them instead, it must score a third of that CIDEr or less."""
+    from PIL import Image
+
+    from trainer.captioner import load_captioner
+
+    report = evaluated["report"]
+    final = entry(report, 2, FINAL)
+    references = {x["image_id"]: x["references"] for x in final["captions"]}
+    # The baseline computed here from scratch, not taken from the report.
+    grey = io.BytesIO()
+    size = demo_run.config.model.image_size
+    Image.new("RGB", (size, size), (128, 128, 128)).save(grey, format="JPEG")
+    captioner = load_captioner(str(demo_run.run_root / "train" / "phase2" / "final"))
+    blind_caption = captioner.caption([grey.getvalue()])[0][0][0]
+    (blind,) = direct_scores(references, {image_id: blind_caption for image_id in references})
+
+    assert blind["CIDEr"] == pytest.approx(final["blind"]["metrics"]["CIDEr"], abs=1e-6)
+    assert final["metrics"]["CIDEr"] >= 3 * blind["CIDEr"], (final["metrics"]["CIDEr"], blind["CIDEr"], blind_caption)
+
+
+@pytest.mark.slow
+def test_no_java_process_outlives_the_evaluation(evaluated):
+    assert meteor_and_tokenizer_pids() - evaluated["java_before"] == set()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no headless browser at {CHROMIUM}")
+def test_report_html_renders_in_a_headless_browser(evaluated, tmp_path):
+    from PIL import Image
+
+    screenshot = tmp_path / "report.png"
+    page = (evaluated["root"] / "eval" / HTML_FILE).as_uri()
+    subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={screenshot}",
+         "--window-size=1200,1600", page],
+        check=True, capture_output=True, timeout=120,
+    )
+    image = Image.open(screenshot)
+    assert image.format == "PNG" and image.size == (1200, 1600)
+    colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 500  # text, charts and photos, not a blank page
+
+
+@pytest.mark.slow
+def test_no_loadable_checkpoint_is_an_error_after_the_report_is_written(demo_run, tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "data").symlink_to(demo_run.run_root / "data")
+    make_train_dir(root, {"train/phase1/checkpoint_000000100/model.weights.h5": "garbage",
+                          "train/phase1/checkpoint_000000100/state.json": json.dumps({"step": 100, "fingerprint": "x"})})
+    config = load_config(demo_run.config_path, [f"run_root={root}", "beam.direct_running_mode=in_memory"])
+    with pytest.raises(ShowtellError, match="no checkpoint could be evaluated .*checkpoint_000000100"):
+        run_evaluate(config)
+    report = json.loads((root / "eval" / REPORT_FILE).read_text())
+    assert report["counts"] == {"checkpoints": 1, "ok": 0, "failed": 1} and report["best"] is None
+    assert not (root / "eval" / BEST_FILE).exists()

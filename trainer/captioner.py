@@ -1,0 +1,272 @@
+"""Captions for encoded images, from a published `final/` checkpoint or an exported SavedModel
+(REFERENCE.md, "Inference").
+
+    captioner = load_captioner("runs/local/train/phase2/final")   # or `showtell export`'s folder
+    captioner.caption([jpeg_bytes], beam_size=3)
+    # [[("a large red circle on a white background", 0.040413), ...]]   per image, best first
+
+A Captioner is beam search's StepModel (trainer/beam_search.py) over encoded image bytes:
+
+    state = captioner.initial_state(images)          # string [N] -> {"state_h", "state_c"}, each float32 [N, units]
+    logits, state = captioner.step(words, state)      # int [N], state -> logits float32 [N, vocab], state
+
+Both run the two `Endpoints` tf.functions, fixed signatures so beam search traces each once. The
+same functions are what `trainer.export` saves as the SavedModel's signatures, so a checkpoint
+and its export decode, preprocess (`trainer.inputs.preprocess_image`, eval mode, inside the
+graph) and caption identically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import tempfile
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import fsspec
+import tensorflow as tf
+import yaml
+
+from pipelines.vocabulary import Vocabulary, parse_word_counts
+from schemas.config import join_url
+from schemas.errors import ShowtellError
+from schemas.storage import exists, read_json, read_text
+from trainer import checkpoints as ckpt
+from trainer.beam_search import beam_search
+from trainer.inputs import preprocess_image
+
+if TYPE_CHECKING:
+    from trainer.model import ShowAndTell
+
+log = logging.getLogger(__name__)
+
+START_WORD = "<S>"
+END_WORD = "</S>"
+UNKNOWN_WORD = "<UNK>"
+STATE_NAMES = ("state_h", "state_c")  # the LSTM state [h, c], as named in every signature
+
+# What `showtell export` writes next to saved_model.pb; the metadata file is written last.
+SAVED_MODEL_FILE = "saved_model.pb"
+EXPORT_METADATA_FILE = "showtell_export.json"
+FINAL_FILES = (ckpt.WEIGHTS_FILE, ckpt.CONFIG_FILE, ckpt.WORD_COUNTS_FILE, ckpt.STATE_FILE)
+FINAL, SAVED_MODEL = "final/ checkpoint", "SavedModel"  # what `source_kind` finds
+
+State = dict[str, tf.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoints:
+    """The inference graph of a ShowAndTell, as two tf.functions over named tensors:
+
+        initial_state(images: string [N])
+            -> {"state_h": float32 [N, units], "state_c": float32 [N, units]}
+        step(input_words: int64 [N], state_h: float32 [N, units], state_c: float32 [N, units])
+            -> {"logits": float32 [N, vocab], "softmax": float32 [N, vocab],
+                "state_h": float32 [N, units], "state_c": float32 [N, units]}
+
+    A SavedModel that `trainer.export` wrote, once loaded, has the same two functions.
+    """
+
+    initial_state: Callable[..., dict[str, tf.Tensor]]
+    step: Callable[..., dict[str, tf.Tensor]]
+    owner: Any = None  # what holds the variables (the model, a loaded SavedModel): kept alive with them
+
+
+def make_endpoints(model: ShowAndTell) -> Endpoints:
+    """The Endpoints of a built ShowAndTell; images are decoded and preprocessed in the graph."""
+    size = model.model_cfg.image_size
+    units = model.model_cfg.num_lstm_units
+    pixels_spec = tf.TensorSpec([size, size, 3], tf.float32)
+    state_spec = tf.TensorSpec([None, units], tf.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")], autograph=False)
+    def initial_state(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        pixels = tf.map_fn(
+            lambda image: preprocess_image(image, size, training=False), images, fn_output_signature=pixels_spec
+        )
+        return dict(zip(STATE_NAMES, model.initial_state(pixels)))
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None], tf.int64, name="input_words"),
+            tf.TensorSpec.from_spec(state_spec, name="state_h"),
+            tf.TensorSpec.from_spec(state_spec, name="state_c"),
+        ],
+        autograph=False,
+    )
+    def step(input_words: tf.Tensor, state_h: tf.Tensor, state_c: tf.Tensor) -> dict[str, tf.Tensor]:
+        logits, new_state = model.step(input_words, [state_h, state_c])
+        return {"logits": logits, "softmax": tf.nn.softmax(logits), **dict(zip(STATE_NAMES, new_state))}
+
+    return Endpoints(initial_state, step, owner=model)
+
+
+class Captioner:
+    """Beam search captions for encoded images (JPEG, PNG, ...: whatever preprocess_image decodes).
+
+    `words[i]` is word id i (word_counts.txt's lines); id len(words) is `<UNK>`.
+    """
+
+    def __init__(self, endpoints: Endpoints, vocabulary: Vocabulary, image_size: int, vocab_size: int):
+        if len(vocabulary.words) + 1 > vocab_size:
+            raise ShowtellError(
+                f"word_counts.txt has {len(vocabulary.words)} words + <UNK> but the model has only {vocab_size} ids"
+            )
+        missing = [word for word in (START_WORD, END_WORD) if word not in vocabulary.words]
+        if missing:
+            raise ShowtellError(f"word_counts.txt has no {' or '.join(missing)} line: it is not im2txt's vocabulary")
+        self.endpoints = endpoints
+        self.vocab_size = vocab_size  # the model's; at least len(words) + 1
+        self.words: list[str] = list(vocabulary.words)
+        self.start_id: int = vocabulary.ids([START_WORD])[0]
+        self.end_id: int = vocabulary.ids([END_WORD])[0]
+        self.image_size = image_size
+
+    @classmethod
+    def from_model(cls, model: ShowAndTell, word_counts_text: str) -> Captioner:
+        """Wraps a built ShowAndTell (any checkpoint's weights) with its word_counts.txt text."""
+        vocabulary = parse_word_counts(word_counts_text)
+        return cls(make_endpoints(model), vocabulary, model.model_cfg.image_size, model.vocab_size)
+
+    def initial_state(self, images: tf.Tensor | Sequence[bytes]) -> State:
+        """Encoded images, string [N] -> the LSTM state after the image: {"state_h", "state_c"}, [N, units]."""
+        return self.endpoints.initial_state(images=tf.convert_to_tensor(images, tf.string))
+
+    def step(self, input_words: tf.Tensor, state: State) -> tuple[tf.Tensor, State]:
+        """Word ids, int [M], and their state -> next-word logits float32 [M, vocab], the new state."""
+        outputs = self.endpoints.step(input_words=tf.cast(input_words, tf.int64), **state)
+        return outputs["logits"], {name: outputs[name] for name in STATE_NAMES}
+
+    def check_image(self, data: bytes) -> None:
+        """Raises ShowtellError when the graph could not decode `data` (run eagerly, one image),
+        so one bad file never fails a batch."""
+        try:
+            preprocess_image(tf.constant(data), self.image_size, training=False)
+        except tf.errors.OpError as error:
+            # The op's own words, without TF's `{{function_node ...}}` prefix and `[Op:...]` suffix.
+            reason = re.sub(r"\{\{.*?\}\}|\[Op:[^\]]*\]", "", error.message).strip()
+            raise ShowtellError(f"not an image that can be decoded ({reason})") from None
+
+    def caption(
+        self,
+        images: Sequence[bytes],
+        *,
+        beam_size: int = 3,
+        max_caption_length: int = 20,
+        length_normalization: float = 0.0,
+        batch_size: int = 64,
+    ) -> list[list[tuple[str, float]]]:
+        """Per image, up to `beam_size` captions as (sentence, probability), best first (as
+        trainer.beam_search ranks them); batches of `batch_size` images share one model call per
+        decoding step."""
+        results: list[list[tuple[str, float]]] = []
+        for start in range(0, len(images), batch_size):
+            batch = tf.constant(list(images[start : start + batch_size]), tf.string)
+            for captions in beam_search(
+                self,
+                batch,
+                start_id=self.start_id,
+                end_id=self.end_id,
+                beam_size=beam_size,
+                max_caption_length=max_caption_length,
+                length_normalization=length_normalization,
+            ):
+                results.append([(self.sentence(c.word_ids), c.prob) for c in captions])
+            log.info("captioned %d of %d images", len(results), len(images))
+        return results
+
+    def sentence(self, word_ids: Sequence[int]) -> str:
+        """Word ids -> their words joined by spaces, `<S>` and `</S>` left out, `<UNK>` for any
+        id past the vocabulary."""
+        return " ".join(
+            self.words[i] if i < len(self.words) else UNKNOWN_WORD
+            for i in map(int, word_ids)
+            if i not in (self.start_id, self.end_id)
+        )
+
+
+def caption_files(captioner: Captioner, paths: Sequence[str], **search: Any) -> list[dict[str, Any]]:
+    """Per path, in order, {"path", "captions": [{"sentence", "p"}, ...]} (best first) or
+    {"path", "error"}. Every file is read (any fsspec URL) and checked on its own first, so a
+    missing, unreadable or non-image file gets its error and the others still get captions.
+    `search`: Captioner.caption's keyword arguments."""
+    results: list[dict[str, Any]] = []
+    readable: list[tuple[dict[str, Any], bytes]] = []
+    for path in paths:
+        result: dict[str, Any] = {"path": path}
+        results.append(result)
+        try:
+            data = _read_file(path)
+            captioner.check_image(data)
+        except ShowtellError as error:
+            result["error"] = str(error)
+            continue
+        readable.append((result, data))
+    captions = captioner.caption([data for _, data in readable], **search)
+    for (result, _), image_captions in zip(readable, captions):
+        result["captions"] = [{"sentence": sentence, "p": p} for sentence, p in image_captions]
+    return results
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with fsspec.open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise ShowtellError("not found") from None
+    except IsADirectoryError:
+        raise ShowtellError("a folder, not an image file") from None
+    except OSError as error:
+        raise ShowtellError(f"cannot read it ({error.strerror or error})") from None
+
+
+def source_kind(path: str) -> str:
+    """`FINAL` for a published final/ checkpoint, `SAVED_MODEL` for a `showtell export` folder;
+    ShowtellError naming `path` when it is missing, incomplete or neither."""
+    if not exists(path):
+        raise ShowtellError(f"{path}: not found")
+    if exists(join_url(path, SAVED_MODEL_FILE)):
+        return SAVED_MODEL
+    present = [name for name in FINAL_FILES if exists(join_url(path, name))]
+    if not present:
+        raise ShowtellError(
+            f"{path}: neither a published final/ checkpoint ({', '.join(FINAL_FILES)}) "
+            f"nor a SavedModel from `showtell export`"
+        )
+    if len(present) < len(FINAL_FILES):
+        missing = [name for name in FINAL_FILES if name not in present]
+        raise ShowtellError(f"{path}: incomplete final/ checkpoint, no {', '.join(missing)}")
+    return FINAL
+
+
+def load_captioner(path: str) -> Captioner:
+    """A Captioner from a published `final/` checkpoint or a `showtell export` SavedModel
+    folder, at a local path or any fsspec URL. ShowtellError naming `path` if it is missing,
+    neither of the two, or does not load."""
+    kind = source_kind(path)
+    log.info("loading the %s at %s", kind, path)
+    try:
+        return _load_saved_model(path) if kind == SAVED_MODEL else _load_final(path)
+    except ShowtellError as error:
+        raise ShowtellError(f"{path}: {error}") from None
+    except (OSError, ValueError, KeyError, yaml.YAMLError, tf.errors.OpError) as error:
+        lines = str(error).strip().splitlines()
+        raise ShowtellError(f"{path}: cannot load this {kind}: {lines[0] if lines else type(error).__name__}") from None
+
+
+def _load_final(path: str) -> Captioner:
+    model, _ = ckpt.load_final_model(path)
+    return Captioner.from_model(model, read_text(join_url(path, ckpt.WORD_COUNTS_FILE)))
+
+
+def _load_saved_model(path: str) -> Captioner:
+    metadata = read_json(join_url(path, EXPORT_METADATA_FILE))
+    if metadata is None:
+        raise ShowtellError(f"a SavedModel without {EXPORT_METADATA_FILE}: not written by `showtell export`")
+    with tempfile.TemporaryDirectory(prefix="showtell-saved-model-") as scratch:
+        local = ckpt.fetch_dir(path, os.path.join(scratch, "saved_model"))
+        loaded = tf.saved_model.load(local)  # variables are restored into memory: scratch may go
+    vocabulary = parse_word_counts(read_text(join_url(path, ckpt.WORD_COUNTS_FILE)))
+    endpoints = Endpoints(loaded.initial_state, loaded.step, owner=loaded)
+    return Captioner(endpoints, vocabulary, metadata["image_size"], metadata["vocab_size"])

@@ -1,0 +1,102 @@
+"""`showtell export`: a published `final/` checkpoint -> a TensorFlow SavedModel, for TF Serving
+and for `showtell caption` (REFERENCE.md, "Inference": export for serving).
+
+    export_saved_model("runs/local/train/phase2/final", "exports/showtell")   # any fsspec URL
+
+    OUT/saved_model.pb, variables/   the inference graph; loads with plain tf.saved_model.load,
+                                     no showtell or Keras model classes needed
+    OUT/word_counts.txt              the vocabulary: word id = line number, <UNK> = number of lines
+    OUT/showtell_export.json         image_size, vocab_size, start_id (<S>), end_id (</S>),
+                                     unknown_id, num_lstm_units, the source checkpoint and its step
+
+Signatures (N images, or N beams; `units` = model.num_lstm_units, `vocab` = the model's vocab_size),
+also the loaded object's methods (`tf.saved_model.load(OUT).step(input_words, state_h, state_c)`):
+
+    initial_state
+        inputs   images       string  [N]            encoded images (JPEG, PNG, ...); decoded,
+                                                     resized and centre-cropped in the graph
+        outputs  state_h      float32 [N, units]     LSTM state after seeing the image
+                 state_c      float32 [N, units]
+    step
+        inputs   input_words  int64   [N]            the previous word of each caption (<S> first)
+                 state_h      float32 [N, units]     its caption's state so far
+                 state_c      float32 [N, units]
+        outputs  logits       float32 [N, vocab]     next-word logits
+                 softmax      float32 [N, vocab]     next-word probabilities
+                 state_h      float32 [N, units]     the state after input_words
+                 state_c      float32 [N, units]
+
+A client captions as im2txt: `initial_state` once, then `step` from `<S>`, keeping the best
+`beam_size` partial captions per image and feeding each one's word and state rows back
+(trainer/beam_search.py), until `</S>` or max_caption_length words.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+
+import fsspec
+import tensorflow as tf
+
+from schemas.config import join_url
+from schemas.errors import ShowtellError
+from schemas.storage import absolute, is_local, read_json, read_text, remove, replace_dir, write_text
+from trainer import checkpoints as ckpt
+from trainer.captioner import EXPORT_METADATA_FILE, FINAL, load_captioner, source_kind
+
+log = logging.getLogger(__name__)
+
+SIGNATURES = ("initial_state", "step")
+
+
+def export_saved_model(checkpoint: str, out: str) -> str:
+    """Exports a published `final/` checkpoint as a SavedModel folder at `out` (local path or
+    fsspec URL), with its word_counts.txt and `showtell_export.json`; returns `out`.
+
+    Written into a `<out>.tmp-<id>` sibling (for URLs: written locally, then uploaded there)
+    and moved over `out` whole, so `out` is never half-written; the metadata file goes last.
+    """
+    if source_kind(checkpoint) != FINAL:
+        raise ShowtellError(f"{checkpoint}: already a SavedModel; export takes a published final/ checkpoint")
+    started = time.time()
+    captioner = load_captioner(checkpoint)
+    state = read_json(join_url(checkpoint, ckpt.STATE_FILE))
+    endpoints = captioner.endpoints
+    root = tf.Module()  # the SavedModel's object: the two functions and the variables they read
+    root.initial_state, root.step = endpoints.initial_state, endpoints.step
+    root.model_weights = list(endpoints.owner.weights)
+    signatures = {name: getattr(root, name).get_concrete_function() for name in SIGNATURES}
+    metadata = {
+        "checkpoint": absolute(checkpoint),
+        "phase": state.get("phase"),
+        "step": state.get("step"),
+        "image_size": captioner.image_size,
+        "vocab_size": captioner.vocab_size,
+        "num_lstm_units": endpoints.owner.model_cfg.num_lstm_units,
+        "start_id": captioner.start_id,
+        "end_id": captioner.end_id,
+        "unknown_id": len(captioner.words),
+    }
+
+    staging = f"{absolute(out).rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="showtell-export-") as scratch:
+            # SavedModels are written to a local folder only: for a URL, a local one is uploaded.
+            local = absolute(staging) if is_local(out) else os.path.join(scratch, "saved_model")
+            log.info("writing the SavedModel of %s to %s", checkpoint, out)
+            tf.saved_model.save(root, local, signatures=signatures)
+            word_counts = read_text(join_url(checkpoint, ckpt.WORD_COUNTS_FILE))
+            write_text(os.path.join(local, ckpt.WORD_COUNTS_FILE), word_counts)
+            write_text(os.path.join(local, EXPORT_METADATA_FILE), json.dumps(metadata, indent=1) + "\n")
+            if not is_local(out):
+                fs, staging_path = fsspec.core.url_to_fs(staging)
+                fs.put(local.rstrip("/") + "/", staging_path.rstrip("/") + "/", recursive=True)
+        replace_dir(staging, out, marker=EXPORT_METADATA_FILE)
+    finally:
+        remove(staging)
+    log.info("exported %s (step %s) to %s in %.1f s", checkpoint, state.get("step"), out, time.time() - started)
+    return out
