@@ -15,7 +15,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m orchestration.demo --config configs/local.yaml
+	$(VENV)/bin/showtell run --config configs/local.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -27,9 +27,11 @@ setup(
         "pycocoevalcap>=1.2",  # COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr; Java for METEOR and tokenizing)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2"],
+        # The tests compile a Kubeflow pipeline and serve S3 on 127.0.0.1 (moto) for s3fs.
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "kfp>=2.7", "moto[server]>=5", "s3fs"],
         "gcs": ["gcsfs"],
         "s3": ["s3fs"],
+        "kfp": ["kfp>=2.7"],  # showtell export-pipeline kfp
     },
     entry_points={"console_scripts": ["showtell=orchestration.cli:main"]},
 )

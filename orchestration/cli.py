@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from schemas.config import load_config
+from schemas.config import Eval, load_config
 from schemas.errors import ShowtellError
 
 log = logging.getLogger("showtell")
@@ -63,6 +63,97 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import run_evaluate
+    from pipelines.report import summarize_report
+
+    config = load_config(args.config, args.overrides)
+    print(summarize_report(run_evaluate(config)))
+    return 0
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    from trainer.captioner import caption_files, load_captioner
+
+    captioner = load_captioner(args.checkpoint)
+    results = caption_files(
+        captioner,
+        args.images,
+        beam_size=args.beam_size,
+        max_caption_length=args.max_caption_length,
+        length_normalization=args.length_normalization,
+        batch_size=args.batch_size,
+    )
+    for result in results:
+        if "error" in result:
+            print(f"showtell caption: error: {result['path']}: {result['error']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "images": results}, indent=2))
+    else:
+        for result in results:
+            if "captions" in result:  # im2txt's run_inference output
+                print(f"Captions for image {result['path']}:")
+                for i, caption in enumerate(result["captions"]):
+                    print(f"  {i}) {caption['sentence']} (p={caption['p']:f})")
+    return 1 if any("error" in result for result in results) else 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from schemas.storage import absolute
+    from trainer.export import export_saved_model
+
+    print(absolute(export_saved_model(args.checkpoint, args.out)))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from orchestration.run import format_outcomes, format_results, load_run_config, run_pipeline
+
+    config = load_run_config(args.config, args.overrides, args.date)
+    result = run_pipeline(
+        config,
+        until=args.until,
+        start=args.start,
+        force=args.force,
+        wait=args.wait,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    if not args.quiet:
+        print(format_outcomes(result))
+        results = format_results(config, result)
+        if results:
+            print(results)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from orchestration.run import format_status, load_run_config, step_status
+
+    config = load_run_config(args.config, args.overrides, args.date)
+    print(format_status(config, step_status(config)))
+    return 0
+
+
+def _cmd_export_pipeline(args: argparse.Namespace) -> int:
+    from orchestration.kfp_pipeline import compile_kfp_pipeline
+
+    config = load_config(args.config, args.overrides)
+    print(compile_kfp_pipeline(config, args.config, args.out))
+    return 0
+
+
+def _at_least(minimum: float, kind: type) -> Callable[[str], float]:
+    """An argparse type: `kind(text)`, an error when below `minimum`."""
+
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="showtell", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only and show no progress bars")
@@ -88,6 +179,75 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--phase", type=int, choices=(1, 2), required=True, help="training phase; 2 starts from 1's final/")
     train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="Beam: every checkpoint -> perplexity, beam-search captions, COCO metrics; <run_root>/eval/ report"
+    )
+    _add_config_args(evaluate)
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    defaults = Eval()  # im2txt's beam search settings, as `showtell evaluate` uses them
+    positive = _at_least(1, int)
+    caption = sub.add_parser("caption", help="beam-search captions for image files, as im2txt's run_inference")
+    caption.add_argument("--checkpoint", required=True, help="a published final/ folder or a `showtell export` folder")
+    caption.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, ... files (paths or fsspec URLs)")
+    caption.add_argument("--beam-size", type=positive, default=defaults.beam_size, help="captions kept per image")
+    caption.add_argument(
+        "--max-caption-length", type=positive, default=defaults.max_caption_length, help="words per caption at most"
+    )
+    caption.add_argument(
+        "--length-normalization",
+        type=_at_least(0, float),
+        default=defaults.length_normalization,
+        help="rank finished captions by log p / words**F; 0: off (im2txt)",
+    )
+    caption.add_argument("--batch-size", type=positive, default=defaults.batch_size, help="images per model batch")
+    caption.add_argument("--json", action="store_true", help="print one JSON document instead of im2txt's text")
+    caption.set_defaults(func=_cmd_caption)
+
+    export = sub.add_parser("export", help="a final/ checkpoint -> a TensorFlow SavedModel (TF Serving, caption)")
+    export.add_argument("--checkpoint", required=True, help="a published final/ folder (local path or fsspec URL)")
+    export.add_argument("out", help="the SavedModel folder to write (local path or fsspec URL); replaced whole")
+    export.set_defaults(func=_cmd_export)
+
+    pipeline = sub.add_parser("export-pipeline", help="compile `showtell run` for a scheduler: a Kubeflow Pipelines v2 YAML")
+    pipeline.add_argument("engine", choices=["kfp"], help="the scheduler (kfp: Kubeflow Pipelines v2)")
+    pipeline.add_argument("out", help="the pipeline file to write, e.g. showtell.yaml")
+    _add_config_args(pipeline)
+    pipeline.set_defaults(func=_cmd_export_pipeline)
+
+    from orchestration.steps import STEP_NAMES
+
+    steps_text = ", ".join(STEP_NAMES)
+    run = sub.add_parser("run", help=f"the whole pipeline, resumable, under a lock on run_root: {steps_text}")
+    _add_config_args(run)
+    run.add_argument("--until", metavar="STEP", help=f"stop after STEP (one of {steps_text})")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument(
+        "--from", dest="start", metavar="STEP", help="re-run STEP and the steps after it; the ones before must be done"
+    )
+    again.add_argument(
+        "--force", metavar="STEP", help="re-run STEP and the steps after it, bringing the ones before up to date"
+    )
+    run.add_argument(
+        "--wait",
+        type=_at_least(0, float),
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for another run holding the run_root lock (default: fail at once, naming it)",
+    )
+    # Also after the subcommand (`showtell run ... --quiet`, for cron); SUPPRESS keeps `showtell -q run` working.
+    run.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="log warnings only, print nothing on success"
+    )
+    status = sub.add_parser("status", help="each step of `showtell run`: state, start, duration, outputs, current or stale")
+    _add_config_args(status)
+    for command in (run, status):
+        command.add_argument(
+            "--date", metavar="YYYY-MM-DD", help="the day `{date}` in the config stands for (default: today, UTC)"
+        )
+    run.set_defaults(func=_cmd_run)
+    status.set_defaults(func=_cmd_status)
     return parser
 
 

@@ -9,7 +9,7 @@ import os
 from typing import Any, Literal, Optional, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.errors import ShowtellError
 
@@ -172,6 +172,45 @@ class Eval(_Strict):
     report_images: int = Field(12, ge=0)  # test images shown with their captions in report.html
 
 
+class Promote(_Strict):
+    """Which model becomes `<models_root>/current/` (TFX's Evaluator + Pusher): `showtell run`'s last step."""
+
+    # Where promoted models live: current/, previous/<time>/ and history.jsonl; null means
+    # `<run_root>/models`. Set one shared root when run_root changes per run (e.g. `{date}`).
+    models_root: Optional[str] = None
+    metric: Metric = "CIDEr"  # the report metric compared, higher is better (SPICE needs eval.spice)
+    # The new model is promoted when its metric >= the current model's minus this.
+    tolerance: float = Field(0.0, ge=0)
+
+
+class Run(_Strict):
+    """How `showtell run` guards its run_root."""
+
+    # A run lock whose heartbeat (refreshed every fifth of this) is older than this many seconds
+    # is stale and taken over; a lock of a dead process on the same host is stale at once.
+    lock_stale_seconds: float = Field(600.0, gt=0)
+
+
+class Kfp(_Strict):
+    """`showtell export-pipeline kfp`: the run as a Kubeflow Pipelines v2 pipeline, one container per step."""
+
+    image: str = "showtell:latest"  # the container image every step runs in (built from the repo's Dockerfile)
+    pipeline_name: str = "showtell"  # the pipeline's name in Kubeflow
+    # Where the steps' containers read this config: a URL they can reach (gs://, s3://, ...); it
+    # is the pipeline's `config` parameter's default. Null: the --config path as given.
+    config_url: Optional[str] = None
+    train_accelerator: Optional[str] = None  # accelerator type of the training steps, e.g. nvidia.com/gpu; null: none
+    train_accelerator_count: int = Field(1, gt=0)  # accelerators per training step, when train_accelerator is set
+    cpu_limit: Optional[str] = None  # CPU limit of every step, e.g. 8 or 500m; null: the cluster's default
+    memory_limit: Optional[str] = None  # memory limit of every step, e.g. 32G; null: the cluster's default
+
+    @field_validator("cpu_limit", mode="before")
+    @classmethod
+    def _cores_as_text(cls, value: Any) -> Any:
+        # YAML reads `8` as a number; Kubernetes quantities are text.
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
 class Config(_Strict):
     run_root: str  # fsspec URL every step writes under (a local path, gs://..., s3://...)
     data: Data = Data()  # where data comes from and how records are written
@@ -180,6 +219,9 @@ class Config(_Strict):
     train: Train = Train()  # the two training phases
     ray: Ray = Ray()  # where and how wide training runs
     eval: Eval = Eval()  # how checkpoints are evaluated
+    kfp: Kfp = Kfp()  # the run as a Kubeflow pipeline (`showtell export-pipeline kfp`)
+    promote: Promote = Promote()  # which model is pushed to promote.models_root
+    run: Run = Run()  # how `showtell run` locks its run_root
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> "Config":

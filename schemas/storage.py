@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from typing import Optional
 
@@ -22,13 +23,27 @@ def absolute(url: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def exists(url: str) -> bool:
+def fresh_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The file system and path of `url`, with what it cached about the path dropped.
+
+    fsspec keeps one file system per store and process, and object stores' (s3fs, gcsfs) cache
+    folder listings, from which they answer `exists` and the size an open file reads to. A file
+    another process wrote since (a Beam worker, another `showtell` run) could then look missing,
+    or read cut short; every call here that asks about a path the store shares asks afresh.
+    """
     fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
+def exists(url: str) -> bool:
+    fs, path = fresh_fs(url)
     return fs.exists(path)
 
 
 def read_text(url: str) -> str:
-    with fsspec.open(url, "r", encoding="utf-8") as handle:
+    fs, path = fresh_fs(url)
+    with fs.open(path, "r", encoding="utf-8") as handle:
         return handle.read()
 
 
@@ -56,7 +71,7 @@ def read_json(url: str) -> Optional[dict]:
 
 def remove(url: str) -> None:
     """Removes a file or a folder tree, if there is one."""
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = fresh_fs(url)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 
@@ -69,8 +84,8 @@ def replace_dir(source: str, dest: str, marker: Optional[str] = None) -> None:
     is removed and `source` copied file by file with `marker` (a file name) last, so its
     presence marks a complete `dest`. The caller removes what is left of `source`.
     """
-    fs, source_path = fsspec.core.url_to_fs(source)
-    _, dest_path = fsspec.core.url_to_fs(dest)
+    fs, source_path = fresh_fs(source)
+    _, dest_path = fresh_fs(dest)
     if is_local(source):
         old = None
         if os.path.exists(dest_path):
@@ -86,3 +101,17 @@ def replace_dir(source: str, dest: str, marker: Optional[str] = None) -> None:
     for path in files:
         fs.copy(path, dest_path + path[len(source_path.rstrip("/")) :])
 
+
+def copy_dir(source: str, dest: str, marker: Optional[str] = None) -> None:
+    """Copies every file under folder `source` to the same place under `dest`, which may be on
+    another store (a local export into a gs:// models root); `marker` (a file name) goes last, so
+    its presence marks a complete copy. Empty folders are not copied."""
+    source_fs, source_path = fresh_fs(source)
+    dest_fs, dest_path = fsspec.core.url_to_fs(dest)
+    root = source_path.rstrip("/")
+    files = sorted(source_fs.find(root), key=lambda path: marker is not None and path.endswith(f"/{marker}"))
+    for path in files:
+        target = dest_path.rstrip("/") + path[len(root) :]
+        dest_fs.makedirs(dest_fs._parent(target), exist_ok=True)
+        with source_fs.open(path, "rb") as reader, dest_fs.open(target, "wb") as writer:
+            shutil.copyfileobj(reader, writer, 1 << 20)

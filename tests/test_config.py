@@ -286,3 +286,43 @@ def test_eval_defaults_are_im2txt_inference_and_select_by_cider():
     assert config.eval_dir == "r/eval"
     with pytest.raises(ConfigError, match="eval.select_by"):
         build_config({"run_root": "r", "eval": {"select_by": "accuracy"}})
+
+
+def test_promote_and_run_defaults_and_their_checks():
+    config = build_config({"run_root": "r"})
+
+    assert (config.promote.models_root, config.promote.metric, config.promote.tolerance) == (None, "CIDEr", 0.0)
+    assert config.run.lock_stale_seconds == 600
+    with pytest.raises(ConfigError, match="promote.metric"):
+        build_config({"run_root": "r", "promote": {"metric": "accuracy"}})
+    with pytest.raises(ConfigError, match="promote.tolerance"):
+        build_config({"run_root": "r"}, ["promote.tolerance=-0.1"])
+    with pytest.raises(ConfigError, match="run.lock_stale_seconds"):
+        build_config({"run_root": "r"}, ["run.lock_stale_seconds=0"])
+
+
+def test_shipped_nightly_config_fills_in_the_date_and_shares_mirror_and_models():
+    from orchestration.run import load_run_config
+
+    config = load_run_config(str(REPO / "configs" / "nightly.yaml"), date="2025-01-31")
+
+    assert config.run_root == "gs://YOUR-BUCKET/showtell/runs/2025-01-31"
+    assert config.data_dir == "gs://YOUR-BUCKET/showtell/runs/2025-01-31/data"
+    assert config.data.source.startswith("gs://") and config.data.mirror == "gs://YOUR-BUCKET/showtell/mirror"
+    assert config.promote.models_root == "gs://YOUR-BUCKET/showtell/models"
+    mscoco = load_config(REPO / "configs" / "mscoco.yaml")
+    assert config.model == mscoco.model and config.train == mscoco.train
+    today = load_run_config(str(REPO / "configs" / "nightly.yaml")).run_root
+    assert re.fullmatch(r"gs://YOUR-BUCKET/showtell/runs/\d{4}-\d{2}-\d{2}", today)
+
+
+def test_date_fills_every_string_value_and_overrides_too(tmp_path):
+    from orchestration.run import load_run_config
+
+    path = _write(tmp_path, "run_root: /runs/{date}\nbeam:\n  options: ['--temp_location=/tmp/{date}']\n")
+
+    config = load_run_config(str(path), ["promote.models_root=/models/{date}"], date="2025-02-01")
+
+    assert config.run_root == "/runs/2025-02-01" and config.data.mirror == "/runs/2025-02-01/raw"
+    assert config.beam.options == ["--temp_location=/tmp/2025-02-01"]
+    assert config.promote.models_root == "/models/2025-02-01"

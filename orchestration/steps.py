@@ -1,0 +1,297 @@
+"""The steps of `showtell run`, in order, and for each: the config keys it reads (dotted prefixes),
+its input files (earlier steps' outputs), its outputs, its work and, for training, how an earlier
+attempt is cleared before a fresh one. `orchestration.run` fingerprints keys + inputs per step.
+
+    download      keys  data.source, data.mirror (and data.sample when the source is `sample`)
+                  in    -
+                  out   <mirror>/annotations/annotations_trainval2014.zip, zips/train2014.zip, zips/val2014.zip
+    preprocess    keys  data.shards, data.min_word_count, data.max_image_pixels, data.shuffle_seed
+                  in    the three mirrored files
+                  out   <run_root>/data/preprocess_report.json, data/word_counts.txt (data/ is published whole)
+    train-phase1  keys  train.phase1, TRAIN_KEYS (model, train.num_examples_per_epoch, train.mixed_precision,
+                        train.shuffle_buffer, train.seed, ray.num_workers: the global batch); a change
+                        trains afresh, except more train.phase1.steps alone: it trains on from its checkpoint
+                  in    data/preprocess_report.json, data/word_counts.txt
+                  out   <run_root>/train/phase1/final/state.json (copied last into final/)
+    train-phase2  keys  train.phase2, TRAIN_KEYS
+                  in    the same, and train/phase1/final/state.json (it holds the weights' fingerprint)
+                  out   <run_root>/train/phase2/final/state.json
+    evaluate      keys  eval.* but eval.batch_size
+                  in    train/phase{1,2}/final/state.json, data/preprocess_report.json
+                  out   <run_root>/eval/report.json, eval/best.json
+    export        keys  -
+                  in    eval/best.json
+                  out   <run_root>/export/showtell_export.json (written last), export/saved_model.pb
+    promote       keys  promote.*
+                  in    eval/best.json, eval/report.json, the export/ folder
+                  out   <run_root>/promote.json (the decision; the model goes to promote.models_root)
+
+Keys that change where or how a step runs, not what it produces, are left out on purpose, so
+changing them re-runs nothing: `beam.*` (runner, workers, options), `ray.address`, `ray.use_gpu`,
+`ray.resources_per_worker`, `ray.max_failures`, `train.xla`, `data.download.*` (retries, timeouts),
+`data.checksums` (verification only: the mirrored bytes are the same or the download fails),
+`eval.batch_size` (images per model call), `run.*` and `kfp.*`.
+
+The export step exports the checkpoint best.json names (the evaluation's choice by
+`eval.select_by`), not always phase 2's final/: the promote step then compares the metric of the
+very model it pushes. A best checkpoint that is one of Ray's intermediate ones (weights only) is
+first published as a self-contained `<run_root>/best/final/` (weights, config, vocabulary).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import tempfile
+from typing import Any, Callable, Optional
+
+from orchestration.promote import Candidate, promote
+from pipelines.report import BEST_FILE, REPORT_FILE, find_checkpoint
+from schemas.config import MSCOCO_FILES, Config, join_url
+from schemas.errors import ShowtellError
+from schemas.storage import absolute, exists, read_json, remove, write_text
+from trainer import checkpoints as ckpt
+
+log = logging.getLogger("showtell.run")
+
+# File names other modules own, spelled here so that `showtell status` imports neither Beam nor
+# TensorFlow (tests/test_run.py checks they match): pipelines.preprocess.REPORT_FILE,
+# trainer.captioner.EXPORT_METADATA_FILE and SAVED_MODEL_FILE.
+PREPROCESS_REPORT_FILE = "preprocess_report.json"
+EXPORT_METADATA_FILE = "showtell_export.json"
+SAVED_MODEL_FILE = "saved_model.pb"
+
+EXPORT_DIR = "export"  # <run_root>/export: the SavedModel of the best checkpoint
+BEST_DIR = "best"  # <run_root>/best/final: the best checkpoint published, when it is an intermediate one
+DECISION_FILE = "promote.json"  # <run_root>/promote.json: this run's promotion decision
+MODELS_DIR = "models"  # <run_root>/models: promote.models_root when it is null
+
+# What every training phase's result depends on besides its own section (see the docstring for
+# the ray.* and train.* keys left out).
+TRAIN_KEYS = (
+    "model",
+    "train.num_examples_per_epoch",
+    "train.mixed_precision",
+    "train.shuffle_buffer",
+    "train.seed",
+    "ray.num_workers",
+)
+EVAL_KEYS = tuple(
+    f"eval.{key}"
+    for key in (
+        "split",
+        "checkpoints",
+        "beam_size",
+        "max_caption_length",
+        "length_normalization",
+        "select_by",
+        "spice",
+        "max_images",
+        "report_images",
+    )
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One step of `showtell run`."""
+
+    name: str
+    keys: Callable[[Config], tuple[str, ...]]  # dotted config keys (sections or leaves) deciding what it produces
+    inputs: Callable[[Config], list[str]]  # files or folders of earlier steps that it reads
+    outputs: Callable[[Config], list[str]]  # files it writes: all of them exist once it is done
+    work: Callable[[Config, bool], Optional[dict[str, Any]]]  # (config, progress bars?) -> a small JSON summary
+    reset: Optional[Callable[[Config], None]] = None  # clears an earlier attempt before a fresh (not resumed) run
+    # Config leaves that, when they alone grow, let the step go on from its earlier attempt rather
+    # than start afresh: a phase given more steps trains on from its last checkpoint.
+    extendable: tuple[str, ...] = ()
+
+
+# --- locations --------------------------------------------------------------------------------
+
+
+def mirror_files(config: Config) -> list[str]:
+    return [join_url(config.data.mirror, relpath) for relpath in MSCOCO_FILES]
+
+
+def data_files(config: Config) -> list[str]:
+    """The preprocessed data's report and vocabulary (data/ is published whole: they stand for it)."""
+    return [join_url(config.data_dir, PREPROCESS_REPORT_FILE), join_url(config.data_dir, ckpt.WORD_COUNTS_FILE)]
+
+
+def final_state(config: Config, phase: int) -> str:
+    """A phase's final/state.json: copied last, it marks a complete final/."""
+    return join_url(config.train_dir, ckpt.phase_name(phase), ckpt.FINAL_DIR, ckpt.STATE_FILE)
+
+
+def export_dir(config: Config) -> str:
+    return join_url(config.run_root, EXPORT_DIR)
+
+
+def models_root(config: Config) -> str:
+    """`promote.models_root`, by default `<run_root>/models`; local paths made absolute."""
+    return absolute(config.promote.models_root or join_url(config.run_root, MODELS_DIR))
+
+
+def decision_file(config: Config) -> str:
+    return join_url(config.run_root, DECISION_FILE)
+
+
+# --- work ---------------------------------------------------------------------------------------
+
+
+def _download(config: Config, progress: bool) -> dict[str, Any]:
+    from pipelines.download import mirror_dataset
+
+    return {"files": {result.relpath: result.action for result in mirror_dataset(config, progress=progress)}}
+
+
+def _preprocess(config: Config, progress: bool) -> dict[str, Any]:
+    from pipelines.preprocess import run_preprocess
+
+    report = run_preprocess(config)
+    return {"records_written": report["records_written"], "words": report["vocabulary"]["words"]}
+
+
+def _train(phase: int, config: Config, progress: bool) -> dict[str, Any]:
+    from trainer.launcher import run_phase
+
+    summary = run_phase(config, phase)
+    return {"step": summary["step"], "final": summary["final"], "perplexity": summary["metrics"].get("perplexity")}
+
+
+def _reset_phase(phase: int, config: Config) -> None:
+    """Removes a phase's Ray run folder, so training starts afresh instead of resuming."""
+    phase_dir = join_url(config.train_dir, ckpt.phase_name(phase))
+    if exists(phase_dir):
+        log.warning("removing %s, to train this phase afresh", phase_dir)
+        remove(phase_dir)
+
+
+def _evaluate(config: Config, progress: bool) -> dict[str, Any]:
+    from pipelines.evaluate import run_evaluate
+
+    report = run_evaluate(config)
+    return {"best": report["best"], "counts": report["counts"]}
+
+
+def _required_json(url: str, step: str) -> dict[str, Any]:
+    document = read_json(url)
+    if document is None:
+        raise ShowtellError(f"{url} not found: the {step} step writes it")
+    return document
+
+
+def _export(config: Config, progress: bool) -> dict[str, Any]:
+    """Exports the checkpoint best.json names as a SavedModel to `<run_root>/export/`."""
+    from trainer.export import export_saved_model
+
+    best = _required_json(join_url(config.eval_dir, BEST_FILE), "evaluate")
+    checkpoint = best["checkpoint"]
+    if checkpoint["kind"] == "final":
+        remove(join_url(config.run_root, BEST_DIR))  # an earlier run's published intermediate, if any
+        source = checkpoint["url"]
+    else:
+        source = _publish_checkpoint(config, checkpoint["url"])
+    export_saved_model(source, export_dir(config))
+    return {"checkpoint": checkpoint, "source": source, "export": export_dir(config)}
+
+
+def _publish_checkpoint(config: Config, url: str) -> str:
+    """An intermediate checkpoint (weights only) published with this run's config and vocabulary
+    as `<run_root>/best/final/`, which `showtell export` and `showtell caption` take."""
+    with tempfile.TemporaryDirectory(prefix="showtell-best-") as scratch:
+        return ckpt.publish_final(
+            ckpt.fetch_dir(url, scratch),
+            join_url(config.run_root, BEST_DIR),
+            config.model_dump(mode="json"),
+            join_url(config.data_dir, ckpt.WORD_COUNTS_FILE),
+        )
+
+
+def _promote(config: Config, progress: bool) -> dict[str, Any]:
+    """Offers the export to `promote.models_root`; writes the decision to `<run_root>/promote.json`."""
+    best = _required_json(join_url(config.eval_dir, BEST_FILE), "evaluate")
+    report = _required_json(join_url(config.eval_dir, REPORT_FILE), "evaluate")
+    if not exists(join_url(export_dir(config), EXPORT_METADATA_FILE)):
+        raise ShowtellError(f"no export at {export_dir(config)}: the export step writes it")
+    if models_root(config).rstrip("/") == absolute(config.run_root).rstrip("/"):
+        raise ShowtellError(f"promote.models_root {models_root(config)} is the run_root itself: give it a folder of its own")
+    candidate = Candidate(
+        export_dir=absolute(export_dir(config)),
+        metrics=find_checkpoint(report, best["checkpoint"])["metrics"],
+        run_root=absolute(config.run_root),
+        details={"checkpoint": best["checkpoint"], "eval": report.get("eval")},
+    )
+    record = promote(
+        candidate, models_root(config), config.promote.metric, config.promote.tolerance, config.run.lock_stale_seconds
+    )
+    write_text(decision_file(config), json.dumps(record, indent=1) + "\n")
+    return {key: record[key] for key in ("decision", "metric", "new_value", "current_value", "model")}
+
+
+# --- the table ------------------------------------------------------------------------------------
+
+
+def _keys(*keys: str) -> Callable[[Config], tuple[str, ...]]:
+    return lambda config: keys
+
+
+STEPS: tuple[Step, ...] = (
+    Step(
+        "download",
+        # data.sample shapes the data only when the source is `sample`.
+        keys=lambda c: ("data.source", "data.mirror") + (("data.sample",) if c.data.source == "sample" else ()),
+        inputs=lambda c: [],
+        outputs=mirror_files,
+        work=_download,
+    ),
+    Step(
+        "preprocess",
+        keys=_keys("data.shards", "data.min_word_count", "data.max_image_pixels", "data.shuffle_seed"),
+        inputs=mirror_files,
+        outputs=data_files,
+        work=_preprocess,
+    ),
+    Step(
+        "train-phase1",
+        keys=_keys("train.phase1", *TRAIN_KEYS),
+        inputs=data_files,
+        outputs=lambda c: [final_state(c, 1)],
+        work=functools.partial(_train, 1),
+        reset=functools.partial(_reset_phase, 1),
+        extendable=("train.phase1.steps",),
+    ),
+    Step(
+        "train-phase2",
+        keys=_keys("train.phase2", *TRAIN_KEYS),
+        inputs=lambda c: [*data_files(c), final_state(c, 1)],
+        outputs=lambda c: [final_state(c, 2)],
+        work=functools.partial(_train, 2),
+        reset=functools.partial(_reset_phase, 2),
+        extendable=("train.phase2.steps",),
+    ),
+    Step(
+        "evaluate",
+        keys=_keys(*EVAL_KEYS),
+        inputs=lambda c: [final_state(c, 1), final_state(c, 2), join_url(c.data_dir, PREPROCESS_REPORT_FILE)],
+        outputs=lambda c: [join_url(c.eval_dir, REPORT_FILE), join_url(c.eval_dir, BEST_FILE)],
+        work=_evaluate,
+    ),
+    Step(
+        "export",
+        keys=_keys(),
+        inputs=lambda c: [join_url(c.eval_dir, BEST_FILE)],
+        outputs=lambda c: [join_url(export_dir(c), EXPORT_METADATA_FILE), join_url(export_dir(c), SAVED_MODEL_FILE)],
+        work=_export,
+    ),
+    Step(
+        "promote",
+        keys=_keys("promote"),
+        inputs=lambda c: [join_url(c.eval_dir, BEST_FILE), join_url(c.eval_dir, REPORT_FILE), export_dir(c)],
+        outputs=lambda c: [decision_file(c)],
+        work=_promote,
+    ),
+)
+STEP_NAMES: tuple[str, ...] = tuple(step.name for step in STEPS)
