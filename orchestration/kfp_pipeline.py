@@ -4,7 +4,7 @@ One container component per step of `showtell run` (orchestration/steps.py), in 
 each running the same CLI in `kfp.image`:
 
     download -> preprocess -> train-phase1 -> train-phase2 -> evaluate -> export -> promote
-    each:  showtell run --config <config> --until <step>
+    each:  showtell run --config <config> --until <step> --date <the job's creation time>
 
 `--until` makes every component idempotent: the steps before it are already done (the manifest
 at run_root says so and they are skipped), so each component does its own step, and a retried
@@ -12,7 +12,8 @@ or re-submitted pipeline resumes where the last one stopped, as `showtell run` d
 result caching is turned off for the same reason: whether a step is up to date is the
 manifest's call (config keys + input checksums), not KFP's (the same parameter string).
 
-The pipeline has one parameter, `config`: the URL of the config file the containers read
+Every step gets the pipeline job's creation time as `--date`, so a `{date}` run_root names one
+folder for the whole job even when it runs past midnight. The pipeline has one parameter, `config`: the URL of the config file the containers read
 (`kfp.config_url`, or the --config path as given). Every path in it must be reachable from the
 cluster (gs://, s3://, ...). Training steps get `kfp.train_accelerator`; every step gets
 `kfp.cpu_limit` / `kfp.memory_limit` when set.
@@ -32,11 +33,12 @@ TRAINING_STEPS = ("train-phase1", "train-phase2")
 
 
 def step_component(step: str, image: str) -> Callable:
-    """A KFP container component running `showtell run --config <config> --until <step>` in `image`."""
+    """A KFP container component running `showtell run --config <config> --until <step> --date <date>` in `image`."""
     from kfp import dsl
 
-    def component(config: str):
-        return dsl.ContainerSpec(image=image, command=["showtell"], args=["run", "--config", config, "--until", step])
+    def component(config: str, date: str):
+        args = ["run", "--config", config, "--until", step, "--date", date]
+        return dsl.ContainerSpec(image=image, command=["showtell"], args=args)
 
     component.__name__ = "showtell_" + step.replace("-", "_")  # the component's name in the pipeline
     component.__doc__ = f"showtell's `{step}` step (and any earlier one not yet done)."
@@ -53,7 +55,7 @@ def build_kfp_pipeline(settings: Kfp, config_url: str) -> Callable:
     def showtell_pipeline(config: str = config_url):
         previous = None
         for step in STEP_NAMES:
-            task = components[step](config=config)
+            task = components[step](config=config, date=dsl.PIPELINE_JOB_CREATE_TIME_UTC_PLACEHOLDER)
             task.set_display_name(step)
             task.set_caching_options(False)
             if settings.cpu_limit:

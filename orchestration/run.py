@@ -71,19 +71,32 @@ RAN, SKIPPED = "ran", "skipped"  # what a run did with a step
 
 
 def load_run_config(path: str, overrides: Sequence[str] = (), date: Optional[str] = None) -> Config:
-    """`load_config` with `{date}` in any string value replaced by `date` (YYYY-MM-DD; default:
-    today, UTC)."""
+    """`load_config` with `{date}` in any string value replaced by the UTC day of `date`
+    (YYYY-MM-DD, or an ISO 8601 time such as a Kubeflow job's creation time,
+    2025-01-31T02:00:07Z; default: today, UTC)."""
     config = load_config(path, overrides)
     tree = config.model_dump(mode="json")
-    if date is not None:
-        try:
-            datetime.date.fromisoformat(date)
-        except ValueError:
-            raise ShowtellError(f"--date {date!r}: expected YYYY-MM-DD, e.g. 2025-01-31") from None
+    day = run_day(date)
     if DATE_FIELD not in json.dumps(tree):
         return config
-    day = date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     return build_config(_fill_date(tree, day), origin=str(path))
+
+
+def run_day(date: Optional[str]) -> str:
+    """YYYY-MM-DD (UTC) of `date`: a day, an ISO 8601 time (converted to UTC), or None for today."""
+    if date is None:
+        return datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    try:
+        return datetime.date.fromisoformat(date).isoformat()
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(date)
+    except ValueError:
+        raise ShowtellError(f"--date {date!r}: expected YYYY-MM-DD or an ISO 8601 time, e.g. 2025-01-31") from None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(datetime.timezone.utc)
+    return moment.date().isoformat()
 
 
 def _fill_date(node: Any, day: str) -> Any:

@@ -326,3 +326,13 @@ def test_date_fills_every_string_value_and_overrides_too(tmp_path):
     assert config.run_root == "/runs/2025-02-01" and config.data.mirror == "/runs/2025-02-01/raw"
     assert config.beam.options == ["--temp_location=/tmp/2025-02-01"]
     assert config.promote.models_root == "/models/2025-02-01"
+
+
+@pytest.mark.parametrize(
+    "given, day",
+    [("2025-01-31", "2025-01-31"), ("2025-01-31T02:00:07Z", "2025-01-31"), ("2025-01-31T23:30:00-02:00", "2025-02-01")],
+)
+def test_the_run_day_of_a_date_or_a_kubeflow_job_time_is_its_utc_day(given, day):
+    from orchestration.run import run_day
+
+    assert run_day(given) == day

@@ -40,7 +40,13 @@ def test_every_step_runs_the_cli_in_the_configured_image(tmp_path):
         container = executors[f"exec-{_task_name(step)}"]["container"]
         assert container["image"] == "registry.example/showtell:1.2"
         assert container["command"] == ["showtell"]
-        assert container["args"] == ["run", "--config", "{{$.inputs.parameters['config']}}", "--until", step]
+        assert container["args"] == [
+            "run", "--config", "{{$.inputs.parameters['config']}}", "--until", step, "--date", "{{$.inputs.parameters['date']}}"
+        ]  # fmt: skip
+    tasks = spec["root"]["dag"]["tasks"]
+    for step in STEP_NAMES:  # one day for the whole job: its creation time
+        date = tasks[_task_name(step)]["inputs"]["parameters"]["date"]
+        assert date["runtimeValue"]["constant"] == "{{$.pipeline_job_create_time_utc}}"
 
 
 def test_the_config_parameter_defaults_to_config_url_or_the_given_path(tmp_path):
