@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -15,7 +16,13 @@ def pipeline_options(beam_config: Beam, job_name: str) -> PipelineOptions:
     since only `multi_processing` mode uses more than one core.
     """
     flags = [f"--runner={beam_config.runner}", f"--job_name={job_name}"]
-    if beam_config.runner in ("DirectRunner", "direct"):
+    if is_direct_runner(beam_config.runner):
         workers = beam_config.direct_num_workers or os.cpu_count() or 1
         flags += [f"--direct_running_mode={beam_config.direct_running_mode}", f"--direct_num_workers={workers}"]
     return PipelineOptions(flags + list(beam_config.options))
+
+
+def is_direct_runner(runner: Optional[str]) -> bool:
+    """Whether `runner` (as `--runner` names it; None is Beam's default) is the DirectRunner,
+    whose workers all run on this machine and share its disk."""
+    return runner is None or runner.lower() in ("direct", "directrunner")

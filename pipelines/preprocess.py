@@ -9,6 +9,10 @@
 completes the shard set, writes the report, and only then moves everything to
 `<run_root>/data/`, so a failed run never leaves half-written outputs there.
 
+Shards, word_counts.txt and the report are written with fsspec (any store); tf.Transform writes
+only through tf.io.gfile, which has no s3:// in TF 2.21, so on such a run_root the DirectRunner
+stages transform_fn/ on local disk and copies it over (`_transform_dirs`).
+
 Records go to shards by a hash of (seed, image id, annotation id) and are sorted by it inside a
 shard, so the same input always gives byte-identical shards, whatever the runner's ordering.
 
@@ -21,16 +25,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import apache_beam as beam
 import fsspec
+from apache_beam.options.pipeline_options import StandardOptions
 
 from pipelines import images as image_checks
-from pipelines.beam_options import pipeline_options
+from pipelines.beam_options import is_direct_runner, pipeline_options
 from pipelines.captions import (
     AnnotationSource,
     CaptionedImage,
@@ -44,7 +52,7 @@ from pipelines.zips import member_names, read_member
 from schemas import records
 from schemas.config import ANNOTATIONS_ZIP, TRAIN_IMAGES_ZIP, VAL_IMAGES_ZIP, Config, join_url
 from schemas.errors import ShowtellError
-from schemas.storage import exists, remove, replace_dir, write_text
+from schemas.storage import copy_dir, exists, fresh_fs, is_local, read_text, remove, replace_dir, write_text
 from schemas.tfrecord import write_records
 
 log = logging.getLogger("showtell.preprocess")
@@ -62,14 +70,15 @@ class PreprocessPlan:
     """Everything the pipeline needs, resolved from config: plain values, picklable."""
 
     sources: tuple[AnnotationSource, ...]  # the two captions files and their image zips
-    output_dir: str  # where shards, word_counts.txt, transform_fn/ and counts.json are written
+    output_dir: str  # where shards, word_counts.txt and counts.json are written
+    transform_dir: str  # where transform_fn/ and transformed_metadata/ are written (tf.io.gfile must reach it)
     shards: tuple[tuple[str, int], ...]  # (split, number of shard files), e.g. (("train", 256), ...)
     min_word_count: int  # vocabulary frequency threshold
     max_image_pixels: int  # larger images are skipped
     shuffle_seed: int  # seed of the record -> shard assignment
 
 
-def plan_from_config(config: Config, output_dir: str) -> PreprocessPlan:
+def plan_from_config(config: Config, output_dir: str, transform_dir: str) -> PreprocessPlan:
     mirror = config.data.mirror
     annotations = join_url(mirror, ANNOTATIONS_ZIP)
     sources = (
@@ -80,6 +89,7 @@ def plan_from_config(config: Config, output_dir: str) -> PreprocessPlan:
     return PreprocessPlan(
         sources=sources,
         output_dir=output_dir,
+        transform_dir=transform_dir,
         shards=(("train", shards.train), ("val", shards.val), ("test", shards.test)),
         min_word_count=config.data.min_word_count,
         max_image_pixels=config.data.max_image_pixels,
@@ -202,7 +212,7 @@ def build_preprocess_pipeline(pipeline: beam.Pipeline, plan: PreprocessPlan) -> 
         lambda image: [caption.tokens for caption in image.captions] if image.split == "train" else []
     )
     transform_fn, vocabulary = train_tokens | "Vocabulary" >> AnalyzeVocabulary(plan.min_word_count)
-    _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(plan.output_dir)
+    _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(plan.transform_dir)
     _ = (
         vocabulary
         | "FormatWordCounts" >> beam.Map(Vocabulary.to_word_counts)
@@ -300,12 +310,50 @@ def build_report(tallies: dict[str, int], plan: PreprocessPlan, vocabulary: Voca
 
 def _complete_shard_set(plan: PreprocessPlan) -> None:
     """Every shard file exists, even when no record hashed into it (an empty TFRecord file)."""
-    fs, root = fsspec.core.url_to_fs(plan.output_dir)
+    fs, root = fresh_fs(plan.output_dir)
+    present = set(fs.find(root))  # one listing, not a request per shard
     for split, num_shards in plan.shards:
         for name in records.shard_names(split, num_shards):
             path = f"{root}/{name}"
-            if not fs.exists(path):
+            if path not in present:
                 fs.touch(path)
+
+
+def _tf_can_write(url: str) -> bool:
+    """Whether TensorFlow's own file layer (tf.io.gfile, all tf.Transform writes with) has a file
+    system for `url`: local paths and gs:// are built in; s3:// needs tensorflow-io's plugin."""
+    import tensorflow as tf
+
+    return is_local(url) or fsspec.utils.get_protocol(url) in tf.io.gfile.get_registered_schemes()
+
+
+@contextmanager
+def _transform_dirs(run_root: str, staging: str, run_id: str, runner: Optional[str]) -> Iterator[tuple[str, str]]:
+    """Where tf.Transform works: (its temp_dir, the folder WriteTransformFn writes into).
+
+    Both are under the run_root where tf.io.gfile can write it. Where it cannot (s3:// without
+    tensorflow-io), on the DirectRunner, whose workers share this machine's disk, both are in a
+    local temporary folder, and transform_fn/ and transformed_metadata/ are copied into `staging`
+    with fsspec once the pipeline has succeeded; a distributed runner fails before any work.
+    """
+    if _tf_can_write(run_root):
+        temp_dir = join_url(run_root, "tmp", f"preprocess-{run_id}")
+        try:
+            yield temp_dir, staging
+        finally:
+            remove(temp_dir)
+        return
+    if not is_direct_runner(runner):
+        scheme = fsspec.utils.get_protocol(run_root)
+        raise ShowtellError(
+            f"run_root {run_root}: tf.Transform writes through tf.io.gfile, which has no {scheme}:// file system, "
+            f"and {runner} workers share no local disk to stage its output on: use a gs:// run_root, the "
+            f"DirectRunner, or tensorflow-io's {scheme}:// file system (import tensorflow_io here and in the workers)"
+        )
+    with tempfile.TemporaryDirectory(prefix=f"showtell-preprocess-{run_id}-") as local:
+        transform_dir = os.path.join(local, "transform")
+        yield os.path.join(local, "tmp"), transform_dir
+        copy_dir(transform_dir, staging)
 
 
 def run_preprocess(config: Config) -> dict:
@@ -314,24 +362,23 @@ def run_preprocess(config: Config) -> dict:
 
     run_id = uuid.uuid4().hex[:8]
     staging = join_url(config.run_root, f"data.staging-{run_id}")
-    temp_dir = join_url(config.run_root, "tmp", f"preprocess-{run_id}")
-    plan = plan_from_config(config, staging)
-    extra_tallies = _check_inputs(plan)
-    log.info("preprocess: %s -> %s on %s", config.data.mirror, config.data_dir, config.beam.runner)
-    started = time.time()
+    options = pipeline_options(config.beam, job_name=f"showtell-preprocess-{run_id}")
+    runner = options.view_as(StandardOptions).runner
     try:
-        staging_fs, staging_path = fsspec.core.url_to_fs(staging)
-        staging_fs.makedirs(staging_path, exist_ok=True)
-        options = pipeline_options(config.beam, job_name=f"showtell-preprocess-{run_id}")
-        with tft_beam.Context(temp_dir=temp_dir):
-            with beam.Pipeline(options=options) as pipeline:
-                build_preprocess_pipeline(pipeline, plan)
+        with _transform_dirs(config.run_root, staging, run_id, runner) as (temp_dir, transform_dir):
+            plan = plan_from_config(config, staging, transform_dir)
+            extra_tallies = _check_inputs(plan)
+            log.info("preprocess: %s -> %s on %s", config.data.mirror, config.data_dir, runner)
+            started = time.time()
+            staging_fs, staging_path = fsspec.core.url_to_fs(staging)
+            staging_fs.makedirs(staging_path, exist_ok=True)
+            with tft_beam.Context(temp_dir=temp_dir):
+                with beam.Pipeline(options=options) as pipeline:
+                    build_preprocess_pipeline(pipeline, plan)
         _complete_shard_set(plan)
-        with fsspec.open(join_url(staging, COUNTS_FILE), "r") as handle:
-            tallies = {**json.load(handle), **extra_tallies}
+        tallies = {**json.loads(read_text(join_url(staging, COUNTS_FILE))), **extra_tallies}
         remove(join_url(staging, COUNTS_FILE))
-        with fsspec.open(join_url(staging, WORD_COUNTS_FILE), "r", encoding="utf-8") as handle:
-            vocabulary = parse_word_counts(handle.read())
+        vocabulary = parse_word_counts(read_text(join_url(staging, WORD_COUNTS_FILE)))
         report = build_report(tallies, plan, vocabulary, time.time() - started)
         report["output_dir"] = config.data_dir
         write_text(join_url(staging, SCHEMA_FILE), records.record_schema_text())
@@ -339,7 +386,6 @@ def run_preprocess(config: Config) -> dict:
         replace_dir(staging, config.data_dir, marker=REPORT_FILE)
     finally:
         remove(staging)
-        remove(temp_dir)
     log.info("preprocess: %d records in %.1f s", report["records_written"], report["seconds"])
     return report
 
