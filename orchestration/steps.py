@@ -238,6 +238,20 @@ def _keys(*keys: str) -> Callable[[Config], tuple[str, ...]]:
     return lambda config: keys
 
 
+def _training_step(phase: int) -> Step:
+    """train-phase1 or train-phase2: phase 2 also reads phase 1's published result."""
+    earlier = [1] if phase == 2 else []
+    return Step(
+        f"train-phase{phase}",
+        keys=_keys(f"train.phase{phase}", *TRAIN_KEYS),
+        inputs=lambda c: [*data_files(c), *(final_state(c, p) for p in earlier)],
+        outputs=lambda c: [final_state(c, phase)],
+        work=functools.partial(_train, phase),
+        reset=functools.partial(_reset_phase, phase),
+        extendable=(f"train.phase{phase}.steps",),
+    )
+
+
 STEPS: tuple[Step, ...] = (
     Step(
         "download",
@@ -254,24 +268,8 @@ STEPS: tuple[Step, ...] = (
         outputs=data_files,
         work=_preprocess,
     ),
-    Step(
-        "train-phase1",
-        keys=_keys("train.phase1", *TRAIN_KEYS),
-        inputs=data_files,
-        outputs=lambda c: [final_state(c, 1)],
-        work=functools.partial(_train, 1),
-        reset=functools.partial(_reset_phase, 1),
-        extendable=("train.phase1.steps",),
-    ),
-    Step(
-        "train-phase2",
-        keys=_keys("train.phase2", *TRAIN_KEYS),
-        inputs=lambda c: [*data_files(c), final_state(c, 1)],
-        outputs=lambda c: [final_state(c, 2)],
-        work=functools.partial(_train, 2),
-        reset=functools.partial(_reset_phase, 2),
-        extendable=("train.phase2.steps",),
-    ),
+    _training_step(1),
+    _training_step(2),
     Step(
         "evaluate",
         keys=_keys(*EVAL_KEYS),
