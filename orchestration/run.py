@@ -91,7 +91,7 @@ def run_day(date: Optional[str]) -> str:
     except ValueError:
         pass
     try:
-        moment = datetime.datetime.fromisoformat(date)
+        moment = datetime.datetime.fromisoformat(date.replace("Z", "+00:00"))  # Python 3.10 reads no "Z"
     except ValueError:
         raise ShowtellError(f"--date {date!r}: expected YYYY-MM-DD or an ISO 8601 time, e.g. 2025-01-31") from None
     if moment.tzinfo is not None:

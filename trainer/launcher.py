@@ -204,8 +204,9 @@ def ray_storage(train_dir: str) -> tuple[str, Any]:
 
 @contextlib.contextmanager
 def ray_cluster(config: Config) -> Iterator[None]:
-    """Connects to `ray.address`, or starts a local cluster sized for the workers and stops it
-    after; an already initialised Ray (a notebook, a test) is used as it is."""
+    """Connects to `ray.address`, or, when it is null, to the cluster in $RAY_ADDRESS (set by
+    `ray job submit`), or else starts a local cluster sized for the workers and stops it after;
+    an already initialised Ray (a notebook, a test) is used as it is."""
     import ray
 
     if ray.is_initialized():
@@ -213,8 +214,9 @@ def ray_cluster(config: Config) -> Iterator[None]:
         return
     # Workers don't inherit the driver's environment: quiet TensorFlow's C++ logs there too.
     runtime_env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}}
-    if config.ray.address:
-        ray.init(address=config.ray.address, log_to_driver=True, runtime_env=runtime_env)
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
         per_worker = dict(config.ray.resources_per_worker)
         workers = config.ray.num_workers
