@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -154,17 +155,20 @@ def meteor_and_tokenizer_pids() -> set[int]:
 
 @pytest.fixture(scope="module")
 def evaluated(demo_run, tmp_path_factory):
-    """`showtell evaluate` on a copy of the demo's run in which two phase 1 checkpoints are bad:
-    200's weights file is truncated (does not load), 300's holds checkpoint 100's weights (loads,
-    but not the weights its state.json names)."""
+    """`showtell evaluate` on a copy of the demo's run in which two of phase 1's kept checkpoints
+    are bad: the second's weights file is truncated (does not load), the third holds the first's
+    weights (loads, but not the weights its state.json names). Which steps those are follows from
+    the demo's config (checkpoint_every, checkpoints_kept)."""
     root = tmp_path_factory.mktemp("evaluate") / "run"
     root.mkdir()
     (root / "data").symlink_to(demo_run.run_root / "data")
     shutil.copytree(demo_run.run_root / "train", root / "train", ignore=shutil.ignore_patterns("tensorboard"))
-    phase1 = root / "train" / "phase1"
-    truncated = phase1 / "checkpoint_000000200" / "model.weights.h5"
-    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
-    shutil.copy(phase1 / "checkpoint_000000100" / "model.weights.h5", phase1 / "checkpoint_000000300" / "model.weights.h5")
+    kept = [c for c in list_checkpoints(str(root / "train")) if c.phase == 1 and c.kind == INTERMEDIATE]
+    assert len(kept) >= 3, f"the demo keeps {len(kept)} phase 1 checkpoints; this fixture spoils two of three"
+    first, truncated, swapped = kept[:3]
+    weights = {c: Path(c.url) / "model.weights.h5" for c in (first, truncated, swapped)}
+    weights[truncated].write_bytes(weights[truncated].read_bytes()[: weights[truncated].stat().st_size // 2])
+    shutil.copy(weights[first], weights[swapped])
 
     java_before = meteor_and_tokenizer_pids()
     from orchestration.cli import main as cli_main
@@ -178,6 +182,8 @@ def evaluated(demo_run, tmp_path_factory):
         "stdout": stdout.getvalue(),
         "report": json.loads((root / "eval" / REPORT_FILE).read_text()),
         "listed": list_checkpoints(str(root / "train")),
+        "truncated_step": truncated.step,
+        "swapped_step": swapped.step,
         "java_before": java_before,
     }
 
@@ -201,9 +207,10 @@ def test_writes_report_html_and_best_and_reports_bad_checkpoints(evaluated):
     kinds = {(c["phase"], c["kind"]) for c in report["checkpoints"]}
     assert kinds == {(1, FINAL), (2, FINAL), (1, INTERMEDIATE), (2, INTERMEDIATE)}
     failed = {c["step"]: c["error"] for c in report["checkpoints"] if c["status"] == "failed"}
-    assert set(failed) == {200, 300} and all(c["phase"] == 1 for c in report["checkpoints"] if c["status"] == "failed")
-    assert "truncated" in failed[200].lower() or "unable to" in failed[200].lower(), failed[200]
-    assert "do not match the fingerprint" in failed[300]
+    truncated, swapped = evaluated["truncated_step"], evaluated["swapped_step"]
+    assert set(failed) == {truncated, swapped} and all(c["phase"] == 1 for c in report["checkpoints"] if c["status"] == "failed")
+    assert "truncated" in failed[truncated].lower() or "unable to" in failed[truncated].lower(), failed[truncated]
+    assert "do not match the fingerprint" in failed[swapped]
     assert report["counts"] == {"checkpoints": len(evaluated["listed"]), "ok": len(evaluated["listed"]) - 2, "failed": 2}
 
     test_images = {i for i, _ in split_images(records_files(root))}
