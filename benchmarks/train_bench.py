@@ -131,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="showtell-train-bench-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if args.gpu:
-        for phase, rate in training_examples_per_second(workdir, [*GPU_OVERRIDES, *step_overrides(args.steps)], workers=1).items():
+        overrides = [*GPU_OVERRIDES, *step_overrides(args.steps)]
+        for phase, rate in training_examples_per_second(workdir, overrides, workers=1).items():
             print(f"{phase}: {rate:8.1f} images/s per GPU (Inception v3, 299x299, batch 32; im2txt on a K20: ~46)")
         return 0
     records = write_coco_like_records(workdir / "coco-like.tfrecord", COCO_LIKE_IMAGES)
