@@ -32,6 +32,7 @@ from schemas.config import METRICS, build_config, load_config
 from schemas.errors import ShowtellError
 from schemas.tfrecord import write_records
 from tests.test_coco_metrics import direct_scores
+from trainer.checkpoints import WEIGHTS_FILE
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -163,10 +164,11 @@ def evaluated(demo_run, tmp_path_factory):
     root.mkdir()
     (root / "data").symlink_to(demo_run.run_root / "data")
     shutil.copytree(demo_run.run_root / "train", root / "train", ignore=shutil.ignore_patterns("tensorboard"))
-    kept = [c for c in list_checkpoints(str(root / "train")) if c.phase == 1 and c.kind == INTERMEDIATE]
+    listed = list_checkpoints(str(root / "train"))
+    kept = [c for c in listed if c.phase == 1 and c.kind == INTERMEDIATE]
     assert len(kept) >= 3, f"the demo keeps {len(kept)} phase 1 checkpoints; this fixture spoils two of three"
     first, truncated, swapped = kept[:3]
-    weights = {c: Path(c.url) / "model.weights.h5" for c in (first, truncated, swapped)}
+    weights = {c: Path(c.url) / WEIGHTS_FILE for c in (first, truncated, swapped)}
     weights[truncated].write_bytes(weights[truncated].read_bytes()[: weights[truncated].stat().st_size // 2])
     shutil.copy(weights[first], weights[swapped])
 
@@ -181,7 +183,7 @@ def evaluated(demo_run, tmp_path_factory):
         "root": root,
         "stdout": stdout.getvalue(),
         "report": json.loads((root / "eval" / REPORT_FILE).read_text()),
-        "listed": list_checkpoints(str(root / "train")),
+        "listed": listed,
         "truncated_step": truncated.step,
         "swapped_step": swapped.step,
         "java_before": java_before,
