@@ -115,6 +115,11 @@ class Phase1(Phase):
     learning_rate: float = Field(2.0, gt=0)
     learning_rate_decay_factor: float = Field(0.5, gt=0, le=1)
     train_encoder: bool = False
+    # Steps that first train the encoder alone to predict the words of training captions, when
+    # phase 1 starts fresh (trainer/encoder_pretrain.py): a stand-in for ImageNet weights where
+    # none can be loaded (the offline demo). 0: off, as im2txt.
+    encoder_pretrain_steps: int = Field(0, ge=0)
+    encoder_pretrain_learning_rate: float = Field(0.5, gt=0)  # SGD (momentum 0.9) rate of those steps
 
 
 class Phase2(Phase):

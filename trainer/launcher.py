@@ -53,11 +53,12 @@ def plan_phase(config: Config, phase: int) -> PhasePlan:
     if report is None:
         raise ShowtellError(f"no preprocessed data at {data_dir} ({PREPROCESS_REPORT_FILE} missing): run `showtell preprocess` first")
     word_counts = ckpt.read_text(join_url(data_dir, ckpt.WORD_COUNTS_FILE))
-    if not phase_cfg.train_encoder and config.model.encoder_weights == "none" and phase == 1:
+    if phase == 1 and not phase_cfg.train_encoder and config.model.encoder_weights == "none" and not phase_cfg.encoder_pretrain_steps:
         log.warning(
             "phase 1 freezes the encoder, but model.encoder_weights is `none`: a frozen random encoder "
             "gives every image the same features, so the captioner will not see the images. Use "
-            "`imagenet` or a weights URL, or set train.phase1.train_encoder=true."
+            "`imagenet` or a weights URL, set train.phase1.encoder_pretrain_steps, or set "
+            "train.phase1.train_encoder=true."
         )
     global_batch = phase_cfg.batch_size * config.ray.num_workers
     examples = config.train.num_examples_per_epoch or int(report["splits"]["train"]["records_written"])

@@ -12,6 +12,8 @@ The helpers below it hold the details:
   writes TensorBoard scalars. A report only happens after every step's loss was finite: a NaN or
   inf loss ends the loop on every worker at once (the loss is all-reduced, so all see it) with
   `{"error": ...}` as the return value and no checkpoint, and the launcher turns that into an error.
+- A fresh phase 1 with `encoder_pretrain_steps` first pretrains the encoder on caption words
+  (`trainer.encoder_pretrain`); a resumed one already holds that encoder in its checkpoint.
 - Restore order: Ray's latest checkpoint of this phase (weights, optimizer, step, history), else
   for phase 2 phase 1's published `final/` weights, else fresh weights. The data pipeline is not
   restored: a resumed run reshuffles with a seed that includes the step it resumed from.
@@ -82,6 +84,8 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train
     import tensorflow as tf
 
+    from trainer.encoder_pretrain import pretrain_encoder
+
     job = TrainJob(**config)
     rank = ray.train.get_context().get_world_rank()
     setup_worker(job, rank)
@@ -92,8 +96,16 @@ def train_loop_per_worker(config: dict) -> dict:
         optimizer = make_optimizer(job, model)
     state = restore(job, model, optimizer, checkpoint)
     batches = iter(distributed_dataset(strategy, job, state.step))
+    sync_statistics = make_statistics_sync(strategy, model)
+    if checkpoint is None and job.phase == 1 and job.phase_cfg.encoder_pretrain_steps:
+        try:
+            pretrain_encoder(strategy, model, batches, steps=job.phase_cfg.encoder_pretrain_steps,
+                             learning_rate=job.phase_cfg.encoder_pretrain_learning_rate, vocab_size=job.vocab_size,
+                             log_progress=rank == 0)
+        except ShowtellError as error:  # a non-finite loss: every worker sees the same reduced one
+            return {"error": f"phase 1: {error}; no checkpoint was kept or published", "step": 0}
+        sync_statistics()
     train_step = make_train_step(strategy, model, optimizer, job)
-    sync_statistics = make_statistics_sync(strategy, model, job)
     reporter = Reporter(job, state, rank)
     while state.step < job.phase_cfg.steps:
         loss, grad_norm = train_step(batches)
@@ -103,7 +115,8 @@ def train_loop_per_worker(config: dict) -> dict:
             reporter.close()
             return {"error": error, "step": state.step}
         if reporter.is_due(state.step):
-            sync_statistics()
+            if job.phase_cfg.train_encoder:
+                sync_statistics()
             reporter.report(model, optimizer)
     reporter.close()
     return {"step": state.step}
@@ -274,17 +287,18 @@ def make_train_step(strategy, model, optimizer, job: TrainJob):
     return train_step
 
 
-def make_statistics_sync(strategy, model, job: TrainJob):
+def make_statistics_sync(strategy, model):
     """`sync()`: sets the encoder's batch-norm moving statistics to their mean over the replicas.
 
-    Keras 3 creates them with no cross-replica aggregation, so when the encoder trains (phase 2)
-    each worker's drift apart (training reads batch statistics, so the steps stay equal); averaged
-    before each checkpoint, the published model holds statistics of every worker's data.
+    Keras 3 creates them with no cross-replica aggregation, so while the encoder trains (phase 2,
+    encoder pretraining) each worker's drift apart (training reads batch statistics, so the steps
+    stay equal); averaged before each checkpoint and after pretraining, the model holds
+    statistics of every worker's data.
     """
     import tensorflow as tf
 
     variables = [v for v in model.non_trainable_variables if str(v.dtype).startswith("float")]
-    if not job.phase_cfg.train_encoder or not variables:
+    if not variables:
         return lambda: None
 
     def replica_means():
