@@ -117,9 +117,11 @@ GPU_OVERRIDES = [
 
 
 def step_overrides(steps: int) -> list[str]:
-    """`--set` values: each phase trains `steps` steps, reporting (and checkpointing) four times."""
+    """`--set` values: each phase trains `steps` steps, reporting (and checkpointing) four times.
+    Phase 1's encoder pretraining is off: it comes before the first report and is not timed."""
     every = max(1, steps // 4)
-    return [f"train.phase{n}.{key}={value}" for n in (1, 2) for key, value in (("steps", steps), ("checkpoint_every", every))]
+    per_phase = [f"train.phase{n}.{key}={value}" for n in (1, 2) for key, value in (("steps", steps), ("checkpoint_every", every))]
+    return [*per_phase, "train.phase1.encoder_pretrain_steps=0"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
