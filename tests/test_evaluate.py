@@ -260,12 +260,6 @@ def test_metrics_are_pycocoevalcaps_on_the_same_captions(evaluated):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 4's quality bar is not met reliably: the demo's encoder learns from scratch and sees colours "
-    "and shapes only weakly; phase 2's final scored 3.4x its blind baseline in one run and 1.6x (64 px, 1000 "
-    "steps) and 1.8x (32 px, 1500 steps) in two others on 2026-12-02. Issue 4 stays open on this.",
-)
 def test_trained_model_beats_a_blind_baseline(evaluated, demo_run):
     """The demo's trained model (phase 2's final) captions the test images; fed a blank image
     for every one of them instead, it must score a third of that CIDEr or less."""
