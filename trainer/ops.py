@@ -87,7 +87,8 @@ class PhaseSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return tf.cast(rate, tf.float32)
 
     def get_config(self) -> dict:
-        return {"phase": self.phase.model_dump(), "steps_per_epoch": self.steps_per_epoch}
+        # The base Phase's fields only: phase 1's extra keys (encoder pretraining) are not the schedule's.
+        return {"phase": self.phase.model_dump(include=set(Phase.model_fields)), "steps_per_epoch": self.steps_per_epoch}
 
     @classmethod
     def from_config(cls, config: dict) -> "PhaseSchedule":
