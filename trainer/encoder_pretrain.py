@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 
 import tensorflow as tf
 
@@ -73,7 +74,9 @@ def pretrain_encoder(
         loss = strategy.run(replica_step, args=next(iterator))
         return strategy.reduce(tf.distribute.ReduceOp.MEAN, loss, axis=None)
 
-    recent: list[float] = []
+    if steps < 1:
+        raise ValueError(f"pretrain_encoder needs steps >= 1, got {steps}")
+    recent: deque[float] = deque(maxlen=LOG_EVERY)
     try:
         for step in range(1, steps + 1):
             loss = float(train_step(batches))
@@ -81,7 +84,7 @@ def pretrain_encoder(
                 raise ShowtellError(
                     f"encoder pretraining: loss is {loss} at step {step} (learning rate {learning_rate:g})"
                 )
-            recent = (recent + [loss])[-LOG_EVERY:]
+            recent.append(loss)
             if log_progress and (step % LOG_EVERY == 0 or step == steps):
                 log.info("encoder pretraining: step %d/%d, caption-word loss %.4f", step, steps, sum(recent) / len(recent))
     finally:
