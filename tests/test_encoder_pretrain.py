@@ -71,7 +71,9 @@ def test_pretraining_trains_a_frozen_encoder_to_see_the_caption_words(coloured_r
     before = [w.copy() for w in model.encoder.get_weights()]
     batches = iter(make_dataset(coloured_records, image_size=SMALL.image_size, batch_size=12, training=True))
 
-    final_loss = pretrain_encoder(tf.distribute.get_strategy(), model, batches, steps=60, learning_rate=0.5, vocab_size=VOCAB_SIZE)
+    # lr 0.5 (the demo's) sometimes diverged on this tiny model and batch (mean loss 0.31 or 0.36 in
+    # 2 of 9 runs); at 0.1 four seeds all ended at 0.080-0.086, a third of the blind best below.
+    final_loss = pretrain_encoder(tf.distribute.get_strategy(), model, batches, steps=80, learning_rate=0.1, vocab_size=VOCAB_SIZE)
 
     assert model.encoder.trainable is False
     assert any(not np.array_equal(a, b) for a, b in zip(before, model.encoder.get_weights()))
