@@ -50,6 +50,8 @@ def pretrain_encoder(
     """
     import keras
 
+    if steps < 1:
+        raise ValueError(f"pretrain_encoder needs steps >= 1, got {steps}")
     was_trainable = model.encoder.trainable
     model.encoder.trainable = True
     with strategy.scope():
@@ -74,8 +76,6 @@ def pretrain_encoder(
         loss = strategy.run(replica_step, args=next(iterator))
         return strategy.reduce(tf.distribute.ReduceOp.MEAN, loss, axis=None)
 
-    if steps < 1:
-        raise ValueError(f"pretrain_encoder needs steps >= 1, got {steps}")
     recent: deque[float] = deque(maxlen=LOG_EVERY)
     try:
         for step in range(1, steps + 1):
