@@ -9,8 +9,9 @@ attempt is cleared before a fresh one. `orchestration.run` fingerprints keys + i
                   in    the three mirrored files
                   out   <run_root>/data/preprocess_report.json, data/word_counts.txt (data/ is published whole)
     train-phase1  keys  train.phase1, TRAIN_KEYS (model, train.num_examples_per_epoch, train.mixed_precision,
-                        train.shuffle_buffer, train.seed, ray.num_workers: the global batch); a change
-                        trains afresh, except more train.phase1.steps alone: it trains on from its checkpoint
+                        train.shuffle_buffer, train.random_flip, train.seed, ray.num_workers: the global
+                        batch); a change trains afresh, except more train.phase1.steps alone: it trains on
+                        from its checkpoint
                   in    data/preprocess_report.json, data/word_counts.txt
                   out   <run_root>/train/phase1/final/state.json (copied last into final/)
     train-phase2  keys  train.phase2, TRAIN_KEYS
@@ -74,6 +75,7 @@ TRAIN_KEYS = (
     "train.num_examples_per_epoch",
     "train.mixed_precision",
     "train.shuffle_buffer",
+    "train.random_flip",
     "train.seed",
     "ray.num_workers",
 )

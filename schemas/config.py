@@ -139,6 +139,9 @@ class Train(_Strict):
     mixed_precision: Literal["off", "bf16", "fp16"] = "off"  # compute dtype on GPUs; off on CPU
     xla: bool = False  # compile the train step with XLA
     shuffle_buffer: int = Field(2048, ge=0)  # records shuffled in memory per worker
+    # Mirror training images left-right half the time (im2txt). Off where captions say "left" and
+    # "right" (the sample's do): a mirrored image contradicts its caption.
+    random_flip: bool = True
     seed: int = 0  # seeds weight init, shuffling and augmentation
 
     def phase(self, number: int) -> Phase:

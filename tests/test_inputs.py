@@ -206,6 +206,25 @@ def test_training_images_are_random_crops_of_the_resized_image_flipped_at_random
     assert {flipped for _, _, flipped in found} == {False, True}
 
 
+def test_training_without_random_flip_gives_only_unmirrored_crops(monkeypatch, data_dir):
+    monkeypatch.setattr(inputs, "distort_colours", lambda image: image)  # geometry only
+    windows = {index: _crop_windows(_jpeg(index)) for index in range(NUM_RECORDS)}
+    dataset = inputs.make_dataset(
+        inputs.shard_files(str(data_dir), "train"), image_size=IMAGE_SIZE, batch_size=5, training=True,
+        random_flip=False,
+    )
+
+    found = set()
+    for features, _, _ in dataset.take(8).as_numpy_iterator():  # 40 images, 4 passes over the records
+        for image, input_seq in zip(features["images"], features["input_seqs"]):
+            crop, error = _closest_crop(image, windows[_record_index(input_seq)])
+            assert error < CROP_TOLERANCE, f"not a crop of its record's image: {crop} {error}"
+            found.add(crop)
+
+    assert len({(top, left) for top, left, _ in found}) > 1, "crops are still random"
+    assert {flipped for _, _, flipped in found} == {False}
+
+
 def test_training_images_get_colour_distortion_within_range():
     jpeg = _jpeg(3)
     windows = _crop_windows(jpeg)

@@ -128,10 +128,11 @@ def decode_window(image_bytes: tf.Tensor, window_of: Callable[[tf.Tensor], tf.Te
     return tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
 
 
-def preprocess_image(image_bytes: tf.Tensor, image_size: int, training: bool) -> tf.Tensor:
+def preprocess_image(image_bytes: tf.Tensor, image_size: int, training: bool, random_flip: bool = True) -> tf.Tensor:
     """Encoded image (JPEG, or PNG/GIF/BMP) -> float32 [image_size, image_size, 3] in [-1, 1], as
     im2txt's process_image: resize to `resize_size(image_size)` squared (bilinear), then a random
-    crop, a random left-right flip and colour distortion when training, the central crop when not.
+    crop, a random left-right flip (unless `random_flip` is False) and colour distortion when
+    training, the central crop when not.
 
     Training takes the crop first, in source pixels (`crop_window`), and decodes and resizes only
     that: the same crop up to a sub-pixel shift (window edges fall on whole source pixels), which
@@ -144,7 +145,8 @@ def preprocess_image(image_bytes: tf.Tensor, image_size: int, training: bool) ->
         window = decode_window(image_bytes, lambda shape: crop_window(shape, image_size, offset))
         # Resizing uint8 gives float32 in [0, 255]: one pass fewer than converting first.
         image = tf.image.resize(window, [image_size, image_size]) / 255.0
-        image = tf.image.random_flip_left_right(image)
+        if random_flip:
+            image = tf.image.random_flip_left_right(image)
         image = distort_colours(image)
     else:
         resized = resize_size(image_size)
@@ -163,6 +165,7 @@ def make_dataset(
     shuffle_buffer: int = 2048,
     input_context: tf.distribute.InputContext | None = None,
     repeat: bool | None = None,
+    random_flip: bool = True,
 ) -> tf.data.Dataset:
     """Batches of ({"images", "input_seqs"}, target_seqs, mask) from im2txt's record files.
 
@@ -172,7 +175,8 @@ def make_dataset(
     Training shuffles files and records (seeded by `seed`), repeats forever unless `repeat` is
     False, drops the last partial batch (every replica steps on equal batches) and gives up
     element order for speed; evaluation reads each record once, in order, by default.
-    Captions are padded with zeros to the longest of their batch.
+    Captions are padded with zeros to the longest of their batch. `random_flip` False keeps
+    training images unmirrored, for captions that say which side a thing is on.
     """
     repeat = training if repeat is None else repeat
     num_pipelines = input_context.num_input_pipelines if input_context else 1
@@ -198,7 +202,7 @@ def make_dataset(
     def to_example(serialized: tf.Tensor):
         _, jpeg, caption_ids = parse_sequence_example(serialized)
         input_seq, target_seq, mask = caption_to_sequences(caption_ids)
-        return {"images": preprocess_image(jpeg, image_size, training), "input_seqs": input_seq}, target_seq, mask
+        return {"images": preprocess_image(jpeg, image_size, training, random_flip), "input_seqs": input_seq}, target_seq, mask
 
     examples = records.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
     batches = examples.padded_batch(batch_size, drop_remainder=training)

@@ -159,6 +159,7 @@ def distributed_dataset(strategy, job: TrainJob, start_step: int):
             seed=seed,
             shuffle_buffer=job.cfg.train.shuffle_buffer,
             input_context=input_context,
+            random_flip=job.cfg.train.random_flip,
         )
 
     return strategy.distribute_datasets_from_function(dataset_fn)
