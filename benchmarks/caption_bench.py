@@ -70,11 +70,10 @@ class CompiledModel:
 
 def load_model(checkpoint: str | None):
     """(ShowAndTell, start_id, end_id, words or None, description)."""
-    from pipelines.vocabulary import parse_word_counts
     from schemas.config import join_url, load_config
-    from schemas.records import END_WORD, START_WORD
     from schemas.storage import read_text
-    from trainer.checkpoints import WORD_COUNTS_FILE, load_final_model
+    from schemas.vocabulary import END_WORD, START_WORD, WORD_COUNTS_FILE, parse_word_counts
+    from trainer.checkpoints import load_final_model
     from trainer.model import build_model
 
     if checkpoint is None:

@@ -35,7 +35,8 @@ import nltk.tokenize
 import numpy as np
 import tensorflow as tf
 
-from schemas.records import END_WORD, START_WORD, encode_sequence_example, shard_name
+from schemas.records import encode_sequence_example, shard_name
+from schemas.vocabulary import END_WORD, START_WORD
 
 MIN_WORD_COUNT = 4
 SHUFFLE_SEED = 12345

@@ -32,14 +32,11 @@ from orchestration.lock import FolderLock
 from orchestration.manifest import signature
 from schemas.config import join_url
 from schemas.errors import ShowtellError
+from schemas.layout import CURRENT_DIR, HISTORY_FILE, MODEL_FILE, PREVIOUS_DIR
 from schemas.storage import copy_dir, exists, read_json, read_text, remove, replace_dir, write_text
 
 log = logging.getLogger("showtell.promote")
 
-CURRENT_DIR = "current"
-PREVIOUS_DIR = "previous"
-MODEL_FILE = "model.json"
-HISTORY_FILE = "history.jsonl"
 PROMOTED, HELD_BACK = "promoted", "held_back"
 # Evaluation settings that change what a metric means: models scored differently are compared with a warning.
 COMPARABLE_EVAL_KEYS = ("split", "max_images", "beam_size", "max_caption_length", "length_normalization")

@@ -54,11 +54,12 @@ from orchestration.manifest import (
     relative,
     upstream_token,
 )
-from orchestration.promote import CURRENT_DIR, HELD_BACK
+from orchestration.promote import HELD_BACK
 from orchestration.steps import STEPS, Step, decision_file, models_root
-from pipelines.report import REPORT_FILE, summarize_report
+from pipelines.report import summarize_report
 from schemas.config import Config, build_config, join_url, load_config
 from schemas.errors import ShowtellError
+from schemas.layout import CURRENT_DIR, EVAL_REPORT_FILE
 from schemas.storage import read_json
 
 log = logging.getLogger("showtell.run")
@@ -415,7 +416,7 @@ def format_results(config: Config, result: RunResult) -> str:
     steps this run reached (run or skipped as up to date)."""
     reached = {outcome.name for outcome in result.outcomes}
     lines = []
-    report = read_json(join_url(config.eval_dir, REPORT_FILE)) if "evaluate" in reached else None
+    report = read_json(join_url(config.eval_dir, EVAL_REPORT_FILE)) if "evaluate" in reached else None
     if report is not None:
         lines.append(summarize_report(report))
     decision = read_json(decision_file(config)) if "promote" in reached else None

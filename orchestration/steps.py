@@ -48,25 +48,32 @@ import tempfile
 from typing import Any, Callable, Optional
 
 from orchestration.promote import Candidate, promote
-from pipelines.report import BEST_FILE, REPORT_FILE, find_checkpoint
+from pipelines.report import find_checkpoint
 from schemas.config import MSCOCO_FILES, Config, join_url
 from schemas.errors import ShowtellError
+from schemas.layout import (
+    BEST_DIR,
+    BEST_FILE,
+    DECISION_FILE,
+    EVAL_REPORT_FILE,
+    EXPORT_DIR,
+    EXPORT_METADATA_FILE,
+    FINAL_DIR,
+    MODELS_DIR,
+    PREPROCESS_REPORT_FILE,
+    SAVED_MODEL_FILE,
+    STATE_FILE,
+)
 from schemas.storage import absolute, exists, read_json, remove, write_text
+from schemas.vocabulary import WORD_COUNTS_FILE
 from trainer import checkpoints as ckpt
 
 log = logging.getLogger("showtell.run")
 
 # File names other modules own, spelled here so that `showtell status` imports neither Beam nor
-# TensorFlow (tests/test_run.py checks they match): pipelines.preprocess.REPORT_FILE,
-# trainer.captioner.EXPORT_METADATA_FILE and SAVED_MODEL_FILE.
-PREPROCESS_REPORT_FILE = "preprocess_report.json"
-EXPORT_METADATA_FILE = "showtell_export.json"
-SAVED_MODEL_FILE = "saved_model.pb"
+# TensorFlow (tests/test_run.py checks they match): pipelines.preprocess.EVAL_REPORT_FILE,
+# trainer.EXPORT_METADATA_FILE and SAVED_MODEL_FILE.
 
-EXPORT_DIR = "export"  # <run_root>/export: the SavedModel of the best checkpoint
-BEST_DIR = "best"  # <run_root>/best/final: the best checkpoint published, when it is an intermediate one
-DECISION_FILE = "promote.json"  # <run_root>/promote.json: this run's promotion decision
-MODELS_DIR = "models"  # <run_root>/models: promote.models_root when it is null
 
 # What every training phase's result depends on besides its own section (see the docstring for
 # the ray.* and train.* keys left out).
@@ -119,12 +126,12 @@ def mirror_files(config: Config) -> list[str]:
 
 def data_files(config: Config) -> list[str]:
     """The preprocessed data's report and vocabulary (data/ is published whole: they stand for it)."""
-    return [join_url(config.data_dir, PREPROCESS_REPORT_FILE), join_url(config.data_dir, ckpt.WORD_COUNTS_FILE)]
+    return [join_url(config.data_dir, PREPROCESS_REPORT_FILE), join_url(config.data_dir, WORD_COUNTS_FILE)]
 
 
 def final_state(config: Config, phase: int) -> str:
     """A phase's final/state.json: copied last, it marks a complete final/."""
-    return join_url(config.train_dir, ckpt.phase_name(phase), ckpt.FINAL_DIR, ckpt.STATE_FILE)
+    return join_url(config.train_dir, ckpt.phase_name(phase), FINAL_DIR, STATE_FILE)
 
 
 def export_dir(config: Config) -> str:
@@ -208,14 +215,14 @@ def _publish_checkpoint(config: Config, url: str) -> str:
             ckpt.fetch_dir(url, scratch),
             join_url(config.run_root, BEST_DIR),
             config.model_dump(mode="json"),
-            join_url(config.data_dir, ckpt.WORD_COUNTS_FILE),
+            join_url(config.data_dir, WORD_COUNTS_FILE),
         )
 
 
 def _promote(config: Config, progress: bool) -> dict[str, Any]:
     """Offers the export to `promote.models_root`; writes the decision to `<run_root>/promote.json`."""
     best = _required_json(join_url(config.eval_dir, BEST_FILE), "evaluate")
-    report = _required_json(join_url(config.eval_dir, REPORT_FILE), "evaluate")
+    report = _required_json(join_url(config.eval_dir, EVAL_REPORT_FILE), "evaluate")
     if not exists(join_url(export_dir(config), EXPORT_METADATA_FILE)):
         raise ShowtellError(f"no export at {export_dir(config)}: the export step writes it")
     if models_root(config).rstrip("/") == absolute(config.run_root).rstrip("/"):
@@ -276,7 +283,7 @@ STEPS: tuple[Step, ...] = (
         "evaluate",
         keys=_keys(*EVAL_KEYS),
         inputs=lambda c: [final_state(c, 1), final_state(c, 2), join_url(c.data_dir, PREPROCESS_REPORT_FILE)],
-        outputs=lambda c: [join_url(c.eval_dir, REPORT_FILE), join_url(c.eval_dir, BEST_FILE)],
+        outputs=lambda c: [join_url(c.eval_dir, EVAL_REPORT_FILE), join_url(c.eval_dir, BEST_FILE)],
         work=_evaluate,
     ),
     Step(
@@ -289,7 +296,7 @@ STEPS: tuple[Step, ...] = (
     Step(
         "promote",
         keys=_keys("promote"),
-        inputs=lambda c: [join_url(c.eval_dir, BEST_FILE), join_url(c.eval_dir, REPORT_FILE), export_dir(c)],
+        inputs=lambda c: [join_url(c.eval_dir, BEST_FILE), join_url(c.eval_dir, EVAL_REPORT_FILE), export_dir(c)],
         outputs=lambda c: [decision_file(c)],
         work=_promote,
     ),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from schemas.errors import ShowtellError
-from schemas.records import END_WORD, START_WORD
+from schemas.vocabulary import END_WORD, START_WORD
 
 TRAIN_FRACTION = 0.85  # of the val2014 images list that goes to training
 VAL_END_FRACTION = 0.90  # val2014 images list positions [0.85 N, 0.90 N) are the val split

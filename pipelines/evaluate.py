@@ -45,12 +45,14 @@ import yaml
 
 from pipelines.beam_options import pipeline_options
 from pipelines.coco_metrics import CocoScorer, check_java
-from pipelines.report import REPORT_FILE, build_report, checkpoint_order, write_report
+from pipelines.report import build_report, checkpoint_order, write_report
 from schemas import records
 from schemas.config import Config, join_url
 from schemas.errors import ShowtellError
+from schemas.layout import CONFIG_FILE, EVAL_REPORT_FILE, FINAL_DIR, PREPROCESS_REPORT_FILE, STATE_FILE, WEIGHTS_FILE
 from schemas.storage import read_json, read_text, remove, replace_dir
 from schemas.tfrecord import read_records
+from schemas.vocabulary import END_WORD, START_WORD, WORD_COUNTS_FILE
 from trainer import checkpoints as ckpt
 
 log = logging.getLogger("showtell.evaluate")
@@ -62,7 +64,6 @@ progress = logging.getLogger("showtell.evaluate.progress")
 FINAL, INTERMEDIATE = "final", "intermediate"  # the two kinds of checkpoint
 CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)$")  # Ray's kept checkpoints, named by step
 BLANK_GREY = 128  # the blind baseline's image: every pixel this grey
-PREPROCESS_REPORT_FILE = "preprocess_report.json"
 SUMMARY_MODEL_KEYS = {"encoder", "image_size", "embedding_size", "num_lstm_units"}  # config.model in report.json
 
 
@@ -106,8 +107,8 @@ def list_checkpoints(train_dir: str, which: str = "all") -> list[CheckpointRef]:
                 match = CHECKPOINT_DIR.fullmatch(name)
                 if match and fs.isdir(path):
                     found.append(CheckpointRef(phase, int(match.group(1)), INTERMEDIATE, join_url(phase_dir, name)))
-        if fs.isdir(f"{phase_path}/{ckpt.FINAL_DIR}"):
-            final = join_url(phase_dir, ckpt.FINAL_DIR)
+        if fs.isdir(f"{phase_path}/{FINAL_DIR}"):
+            final = join_url(phase_dir, FINAL_DIR)
             found.append(CheckpointRef(phase, _final_step(final), FINAL, final))
     return sorted(found, key=lambda ref: checkpoint_order(dataclasses.asdict(ref)))
 
@@ -116,7 +117,7 @@ def _final_step(final_url: str) -> Optional[int]:
     """The step in a final/'s state.json; None when it is missing or unreadable (the checkpoint
     is still listed, and fails its evaluation if it does not load)."""
     try:
-        state = read_json(join_url(final_url, ckpt.STATE_FILE))
+        state = read_json(join_url(final_url, STATE_FILE))
         return int(state["step"]) if state else None
     except (ValueError, KeyError, TypeError, OSError):
         return None
@@ -145,7 +146,7 @@ def plan_from_config(config: Config, output_dir: str) -> EvalPlan:
         split=split,
         files=tuple(shard_files(config.data_dir, split)),
         model=config.model.model_dump(mode="json"),
-        word_counts_url=join_url(config.data_dir, ckpt.WORD_COUNTS_FILE),
+        word_counts_url=join_url(config.data_dir, WORD_COUNTS_FILE),
         eval=config.eval.model_dump(mode="json"),
         phase1_steps=config.train.phase1.steps,
         log_progress=log.isEnabledFor(logging.INFO),
@@ -166,7 +167,7 @@ def plan_from_config(config: Config, output_dir: str) -> EvalPlan:
 def reference_of(serialized: bytes) -> tuple[int, str]:
     """One record -> (image id, its raw caption: the tokens without `<S>`/`</S>`, joined by spaces)."""
     record = records.decode_sequence_example(serialized)
-    tokens = [t for t in record["tokens"] if t not in (records.START_WORD, records.END_WORD)]
+    tokens = [t for t in record["tokens"] if t not in (START_WORD, END_WORD)]
     return record["image_id"], " ".join(tokens)
 
 
@@ -224,13 +225,13 @@ class CheckpointLoader:
         from trainer.captioner import Captioner
 
         if ref.kind == FINAL:
-            model_cfg = build_config(yaml.safe_load(read_text(join_url(ref.url, ckpt.CONFIG_FILE)))).model
-            word_counts = read_text(join_url(ref.url, ckpt.WORD_COUNTS_FILE))
+            model_cfg = build_config(yaml.safe_load(read_text(join_url(ref.url, CONFIG_FILE)))).model
+            word_counts = read_text(join_url(ref.url, WORD_COUNTS_FILE))
         else:
             model_cfg, word_counts = Model.model_validate(self._plan.model), read_text(self._plan.word_counts_url)
-        state = read_json(join_url(ref.url, ckpt.STATE_FILE))
+        state = read_json(join_url(ref.url, STATE_FILE))
         if not state or "fingerprint" not in state:
-            raise ShowtellError(f"{ckpt.STATE_FILE} is missing or has no weights fingerprint: an incomplete checkpoint")
+            raise ShowtellError(f"{STATE_FILE} is missing or has no weights fingerprint: an incomplete checkpoint")
         key = (json.dumps(model_cfg.model_dump(mode="json", exclude={"encoder_weights"}), sort_keys=True), word_counts)
         if key != self._key:
             self._key, self._built = None, None
@@ -243,7 +244,7 @@ class CheckpointLoader:
             self._key, self._built = None, None  # partly loaded: rebuild for the next checkpoint
             raise
         if ckpt.weights_fingerprint(model) != state["fingerprint"]:
-            raise ShowtellError(f"the weights in {ckpt.WEIGHTS_FILE} do not match the fingerprint in {ckpt.STATE_FILE}")
+            raise ShowtellError(f"the weights in {WEIGHTS_FILE} do not match the fingerprint in {STATE_FILE}")
         return model, captioner
 
 
@@ -406,14 +407,14 @@ def run_evaluate(config: Config) -> dict:
         fs.makedirs(staging_path, exist_ok=True)
         with beam.Pipeline(options=pipeline_options(config.beam, job_name=f"showtell-evaluate-{run_id}")) as pipeline:
             build_evaluate_pipeline(pipeline, plan, created)
-        report = read_json(join_url(staging, REPORT_FILE))
-        replace_dir(staging, config.eval_dir, marker=REPORT_FILE)
+        report = read_json(join_url(staging, EVAL_REPORT_FILE))
+        replace_dir(staging, config.eval_dir, marker=EVAL_REPORT_FILE)
     finally:
         remove(staging)
     log.info("evaluate: %d checkpoints in %.1f s", len(report["checkpoints"]), time.time() - started)
     if report["best"] is None:
         failed = "; ".join(f"{c['url']}: {c['error']}" for c in report["checkpoints"])
-        report_url = join_url(config.eval_dir, REPORT_FILE)
+        report_url = join_url(config.eval_dir, EVAL_REPORT_FILE)
         raise ShowtellError(f"no checkpoint could be evaluated (see {report_url}): {failed}")
     return report
 

@@ -47,20 +47,19 @@ from pipelines.captions import (
     read_captions_file,
     tokenized,
 )
-from pipelines.vocabulary import AnalyzeVocabulary, Vocabulary, parse_word_counts
+from pipelines.vocabulary import AnalyzeVocabulary
 from pipelines.zips import member_names, read_member
 from schemas import records
 from schemas.config import ANNOTATIONS_ZIP, TRAIN_IMAGES_ZIP, VAL_IMAGES_ZIP, Config, join_url
 from schemas.errors import ShowtellError
+from schemas.layout import PREPROCESS_REPORT_FILE, RECORD_SCHEMA_FILE
 from schemas.storage import copy_dir, exists, fresh_fs, is_local, read_text, remove, replace_dir, write_text
 from schemas.tfrecord import write_records
+from schemas.vocabulary import WORD_COUNTS_FILE, Vocabulary, parse_word_counts
 
 log = logging.getLogger("showtell.preprocess")
 
-WORD_COUNTS_FILE = "word_counts.txt"
-REPORT_FILE = "preprocess_report.json"
 COUNTS_FILE = "counts.json"  # the pipeline's raw tallies, folded into the report by the runner
-SCHEMA_FILE = "schema.pbtxt"
 
 _COUNTS = "counts"  # tag of the side output that carries tallies
 
@@ -381,9 +380,9 @@ def run_preprocess(config: Config) -> dict:
         vocabulary = parse_word_counts(read_text(join_url(staging, WORD_COUNTS_FILE)))
         report = build_report(tallies, plan, vocabulary, time.time() - started)
         report["output_dir"] = config.data_dir
-        write_text(join_url(staging, SCHEMA_FILE), records.record_schema_text())
-        write_text(join_url(staging, REPORT_FILE), json.dumps(report, indent=2, sort_keys=True) + "\n")
-        replace_dir(staging, config.data_dir, marker=REPORT_FILE)
+        write_text(join_url(staging, RECORD_SCHEMA_FILE), records.record_schema_text())
+        write_text(join_url(staging, PREPROCESS_REPORT_FILE), json.dumps(report, indent=2, sort_keys=True) + "\n")
+        replace_dir(staging, config.data_dir, marker=PREPROCESS_REPORT_FILE)
     finally:
         remove(staging)
     log.info("preprocess: %d records in %.1f s", report["records_written"], report["seconds"])
@@ -392,7 +391,7 @@ def run_preprocess(config: Config) -> dict:
 
 def summarize_report(report: dict) -> str:
     """A few lines a person reads: per split, images and captions listed/written/skipped."""
-    lines = [f"preprocess report ({report['output_dir']}/{REPORT_FILE}):"]
+    lines = [f"preprocess report ({report['output_dir']}/{PREPROCESS_REPORT_FILE}):"]
     lines.append(f"  {'split':<6}{'shards':>7}{'images':>9}{'written':>9}{'captions':>10}{'records':>9}  skipped")
     for split, entry in report["splits"].items():
         skipped = {**entry["images"]["skipped"]}

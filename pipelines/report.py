@@ -21,11 +21,8 @@ import json
 from typing import Mapping, Optional, Sequence
 
 from schemas.config import METRICS, join_url
+from schemas.layout import BEST_FILE, EVAL_HTML_FILE, EVAL_REPORT_FILE
 from schemas.storage import write_text
-
-REPORT_FILE = "report.json"
-HTML_FILE = "report.html"
-BEST_FILE = "best.json"
 
 PHASE_COLOURS = {1: "#1f77b4", 2: "#d62728"}  # chart series per phase
 BLIND_COLOUR = "#7f7f7f"
@@ -75,8 +72,8 @@ def build_report(results: Sequence[dict], *, split: str, select_by: str, summary
 
 def write_report(output_dir: str, report: dict, images: Mapping[int, bytes]) -> None:
     """report.json, report.html (with `images`) and, when a checkpoint succeeded, best.json."""
-    write_text(join_url(output_dir, REPORT_FILE), json.dumps(report, indent=1) + "\n")
-    write_text(join_url(output_dir, HTML_FILE), report_html(report, images))
+    write_text(join_url(output_dir, EVAL_REPORT_FILE), json.dumps(report, indent=1) + "\n")
+    write_text(join_url(output_dir, EVAL_HTML_FILE), report_html(report, images))
     if report["best"] is not None:
         write_text(join_url(output_dir, BEST_FILE), json.dumps(report["best"], indent=1) + "\n")
 
@@ -105,7 +102,7 @@ def summarize_report(report: dict, samples: int = 3) -> str:
     names = _metric_names(report)
     counts = report["counts"]
     lines = [
-        f"evaluation report ({join_url(report['eval_dir'], REPORT_FILE)}, {join_url(report['eval_dir'], HTML_FILE)}):",
+        f"evaluation report ({join_url(report['eval_dir'], EVAL_REPORT_FILE)}, {join_url(report['eval_dir'], EVAL_HTML_FILE)}):",
         f"  {report['split']} split, {report['images']} images; {counts['checkpoints']} checkpoints, "
         f"{counts['ok']} evaluated, {counts['failed']} failed",
         f"  {'phase':<6}{'step':>7}  {'kind':<13}{'perplexity':>11}" + "".join(f"{name:>9}" for name in names),

@@ -1,4 +1,5 @@
-"""The caption vocabulary: built by tf.Transform, written in im2txt's `word_counts.txt` format.
+"""The caption vocabulary's analysis: tf.Transform counts the words; the format of the
+`word_counts.txt` it becomes is `schemas/vocabulary.py`'s.
 
 `tft.vocabulary(..., store_frequency=True)` writes `count word` lines sorted by descending count
 (ties broken its own way). `word_counts.txt` is that file's lines, reordered to im2txt's
@@ -9,41 +10,15 @@ in the records (looked up from the same lines) agree with the exported transform
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import apache_beam as beam
+
+from schemas.vocabulary import Vocabulary
 
 TFT_VOCAB_NAME = "word_counts"  # the vocabulary's asset name inside the transform graph
 TOKENS_FEATURE = "tokens"  # raw feature the transform graph takes: one caption's tokens
 IDS_FEATURE = "caption_ids"  # transformed feature: the tokens' ids
-
-
-@dataclass(frozen=True)
-class Vocabulary:
-    """Words in id order with their training counts; `<UNK>` is id len(words)."""
-
-    words: tuple[str, ...]  # words[i] has id i
-    counts: tuple[int, ...]  # counts[i] is how often words[i] occurs in training captions
-
-    @property
-    def unknown_id(self) -> int:
-        return len(self.words)
-
-    def ids(self, tokens: Sequence[str]) -> list[int]:
-        index = self._index()
-        return [index.get(token, self.unknown_id) for token in tokens]
-
-    def _index(self) -> dict[str, int]:
-        cached = self.__dict__.get("_cached_index")
-        if cached is None:
-            cached = {word: i for i, word in enumerate(self.words)}
-            object.__setattr__(self, "_cached_index", cached)
-        return cached
-
-    def to_word_counts(self) -> str:
-        """im2txt's word_counts.txt: one `word count` a line, in id order."""
-        return "".join(f"{word} {count}\n" for word, count in zip(self.words, self.counts))
 
 
 def parse_tft_vocabulary(lines: Iterable[str]) -> Vocabulary:
@@ -56,17 +31,6 @@ def parse_tft_vocabulary(lines: Iterable[str]) -> Vocabulary:
         count, _, word = line.partition(" ")
         words.append(word)
         counts.append(int(count))
-    return Vocabulary(tuple(words), tuple(counts))
-
-
-def parse_word_counts(text: str) -> Vocabulary:
-    """Reads im2txt's `word count` lines (a word never holds a space; the count is last)."""
-    words, counts = [], []
-    for line in text.splitlines():
-        if line.strip():
-            word, _, count = line.rpartition(" ")
-            words.append(word)
-            counts.append(int(count))
     return Vocabulary(tuple(words), tuple(counts))
 
 

@@ -18,12 +18,6 @@ IMAGE_DATA_KEY = "image/data"
 CAPTION_KEY = "image/caption"
 CAPTION_IDS_KEY = "image/caption_ids"
 
-START_WORD = "<S>"
-END_WORD = "</S>"
-UNKNOWN_WORD = "<UNK>"
-
-SPLITS = ("train", "val", "test")
-
 # tensorflow-metadata puts SequenceExample feature lists under this struct (as tfx_bsl does).
 SEQUENCE_COLUMN = "##SEQUENCE##"
 

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 
 from schemas.config import build_config, join_url
+from schemas.vocabulary import WORD_COUNTS_FILE
 from tests.datasets import encode, picture
 from trainer import checkpoints as ckpt
 from trainer.model import build_model, resolve_vocab_size
@@ -32,7 +33,7 @@ def publish_tiny_final(root: Path) -> str:
     training does; returns the URL of its `final/`."""
     keras.utils.set_random_seed(2)  # a seed whose best captions have words
     config = build_config({"run_root": str(root), "model": MODEL})
-    word_counts = root / ckpt.WORD_COUNTS_FILE
+    word_counts = root / WORD_COUNTS_FILE
     word_counts.write_text(WORD_COUNTS, encoding="utf-8")
     model = build_model(config.model, resolve_vocab_size(config.model, WORD_COUNTS))
     with tempfile.TemporaryDirectory() as checkpoint_dir:

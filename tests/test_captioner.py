@@ -13,8 +13,8 @@ import tensorflow as tf
 
 from orchestration.cli import main as cli_main
 from schemas.errors import ShowtellError
+from schemas.layout import CONFIG_FILE, WEIGHTS_FILE
 from tests.captioning import MODEL, NUM_WORDS, WORD_COUNTS, assert_same_captions, image, publish_tiny_final
-from trainer import checkpoints as ckpt
 from trainer.captioner import Captioner, load_captioner
 from trainer.inputs import preprocess_image
 
@@ -103,10 +103,10 @@ def test_load_captioner_names_the_path_of_a_missing_strange_incomplete_or_corrup
     (strange / "notes.txt").write_text("hello")
     incomplete = tmp_path / "incomplete"
     incomplete.mkdir()
-    shutil.copy(Path(final) / ckpt.CONFIG_FILE, incomplete)
+    shutil.copy(Path(final) / CONFIG_FILE, incomplete)
     corrupt = tmp_path / "corrupt"
     shutil.copytree(final, corrupt)
-    (corrupt / ckpt.WEIGHTS_FILE).write_bytes(b"\x89HDF\r\n not really")
+    (corrupt / WEIGHTS_FILE).write_bytes(b"\x89HDF\r\n not really")
 
     cases = {
         tmp_path / "missing": "not found",

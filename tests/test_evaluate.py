@@ -26,13 +26,12 @@ from pipelines.evaluate import (
     run_evaluate,
     split_images,
 )
-from pipelines.report import BEST_FILE, HTML_FILE, REPORT_FILE
 from schemas import records
 from schemas.config import METRICS, build_config, load_config
 from schemas.errors import ShowtellError
+from schemas.layout import BEST_FILE, EVAL_HTML_FILE, EVAL_REPORT_FILE, WEIGHTS_FILE
 from schemas.tfrecord import write_records
 from tests.test_coco_metrics import direct_scores
-from trainer.checkpoints import WEIGHTS_FILE
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -182,7 +181,7 @@ def evaluated(demo_run, tmp_path_factory):
     return {
         "root": root,
         "stdout": stdout.getvalue(),
-        "report": json.loads((root / "eval" / REPORT_FILE).read_text()),
+        "report": json.loads((root / "eval" / EVAL_REPORT_FILE).read_text()),
         "listed": listed,
         "truncated_step": truncated.step,
         "swapped_step": swapped.step,
@@ -199,7 +198,7 @@ def entry(report: dict, phase: int, kind: str, step: int | None = None) -> dict:
 @pytest.mark.slow
 def test_writes_report_html_and_best_and_reports_bad_checkpoints(evaluated):
     root, report = evaluated["root"], evaluated["report"]
-    assert sorted(p.name for p in (root / "eval").iterdir()) == sorted([BEST_FILE, REPORT_FILE, HTML_FILE])
+    assert sorted(p.name for p in (root / "eval").iterdir()) == sorted([BEST_FILE, EVAL_REPORT_FILE, EVAL_HTML_FILE])
     assert not [p for p in root.iterdir() if p.name.startswith("eval.staging")]
 
     # Every collected checkpoint is in the report: both finals and every kept one.
@@ -231,7 +230,7 @@ def test_writes_report_html_and_best_and_reports_bad_checkpoints(evaluated):
     assert best["value"] == max(c["metrics"]["CIDEr"] for c in ok)
     assert entry(report, best["checkpoint"]["phase"], best["checkpoint"]["kind"], best["checkpoint"]["step"])["status"] == "ok"
 
-    page = (root / "eval" / HTML_FILE).read_text()
+    page = (root / "eval" / EVAL_HTML_FILE).read_text()
     assert page.count("<img ") == min(report["eval"]["report_images"], report["images"])
     assert page.count("<svg ") == len(METRICS) - 1 + 1  # a chart per metric (no SPICE) and perplexity
 
@@ -293,7 +292,7 @@ def test_report_html_renders_in_a_headless_browser(evaluated, tmp_path):
     from PIL import Image
 
     screenshot = tmp_path / "report.png"
-    page = (evaluated["root"] / "eval" / HTML_FILE).as_uri()
+    page = (evaluated["root"] / "eval" / EVAL_HTML_FILE).as_uri()
     subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={screenshot}",
          "--window-size=1200,1600", page],
@@ -315,6 +314,6 @@ def test_no_loadable_checkpoint_is_an_error_after_the_report_is_written(demo_run
     config = load_config(demo_run.config_path, [f"run_root={root}", "beam.direct_running_mode=in_memory"])
     with pytest.raises(ShowtellError, match="no checkpoint could be evaluated .*checkpoint_000000100"):
         run_evaluate(config)
-    report = json.loads((root / "eval" / REPORT_FILE).read_text())
+    report = json.loads((root / "eval" / EVAL_REPORT_FILE).read_text())
     assert report["counts"] == {"checkpoints": 1, "ok": 0, "failed": 1} and report["best"] is None
     assert not (root / "eval" / BEST_FILE).exists()

@@ -16,10 +16,11 @@ import tensorflow as tf
 
 from orchestration.cli import main as cli_main
 from schemas.errors import ShowtellError
+from schemas.layout import EXPORT_METADATA_FILE
 from schemas.storage import remove
+from schemas.vocabulary import WORD_COUNTS_FILE
 from tests.captioning import MODEL, NUM_WORDS, assert_same_captions, image, publish_tiny_final
-from trainer import checkpoints as ckpt
-from trainer.captioner import EXPORT_METADATA_FILE, Captioner, load_captioner
+from trainer.captioner import Captioner, load_captioner
 from trainer.export import export_saved_model
 
 UNITS = MODEL["num_lstm_units"]
@@ -129,8 +130,8 @@ def test_the_saved_model_loads_and_runs_with_plain_tensorflow(exported):
 def test_the_export_folder_holds_vocabulary_and_metadata_and_nothing_half_written(final, exported):
     folder = Path(exported)
 
-    assert {"saved_model.pb", "variables", ckpt.WORD_COUNTS_FILE, EXPORT_METADATA_FILE} <= set(os.listdir(folder))
-    assert (folder / ckpt.WORD_COUNTS_FILE).read_text() == (Path(final) / ckpt.WORD_COUNTS_FILE).read_text()
+    assert {"saved_model.pb", "variables", WORD_COUNTS_FILE, EXPORT_METADATA_FILE} <= set(os.listdir(folder))
+    assert (folder / WORD_COUNTS_FILE).read_text() == (Path(final) / WORD_COUNTS_FILE).read_text()
     metadata = json.loads((folder / EXPORT_METADATA_FILE).read_text())
     assert metadata == {
         "checkpoint": final,
@@ -172,7 +173,7 @@ def test_export_refuses_what_is_not_a_final_checkpoint(exported, tmp_path, capsy
 def test_a_corrupt_saved_model_is_a_clear_error(exported, tmp_path):
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
-    for name in (ckpt.WORD_COUNTS_FILE, EXPORT_METADATA_FILE):
+    for name in (WORD_COUNTS_FILE, EXPORT_METADATA_FILE):
         (corrupt / name).write_bytes((Path(exported) / name).read_bytes())
     (corrupt / "saved_model.pb").write_bytes(b"\x08\x01 not a protocol buffer")
 

@@ -13,11 +13,12 @@ import pytest
 
 from orchestration.cli import main as cli_main
 from pipelines.captions import split_of_val_position, tokenize_caption
-from pipelines.preprocess import REPORT_FILE, WORD_COUNTS_FILE, run_preprocess
-from pipelines.vocabulary import parse_word_counts
+from pipelines.preprocess import run_preprocess
 from schemas import records
 from schemas.config import build_config
+from schemas.layout import PREPROCESS_REPORT_FILE
 from schemas.tfrecord import read_records
+from schemas.vocabulary import WORD_COUNTS_FILE, parse_word_counts
 from tests.datasets import Layout, make_defective_dataset
 
 pytestmark = pytest.mark.slow
@@ -184,7 +185,7 @@ def test_blank_orphan_and_hostile_zip_entries_are_reported_not_written(preproces
 
 def test_report_adds_up_and_is_on_disk(preprocessed):
     report, data_dir, written = preprocessed
-    assert json.loads((data_dir / REPORT_FILE).read_text()) == report
+    assert json.loads((data_dir / PREPROCESS_REPORT_FILE).read_text()) == report
     for split, entry in report["splits"].items():
         for unit in ("images", "captions"):
             part = entry[unit]

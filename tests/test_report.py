@@ -8,9 +8,6 @@ import json
 import re
 
 from pipelines.report import (
-    BEST_FILE,
-    HTML_FILE,
-    REPORT_FILE,
     build_report,
     line_chart,
     report_html,
@@ -18,6 +15,7 @@ from pipelines.report import (
     summarize_report,
     write_report,
 )
+from schemas.layout import BEST_FILE, EVAL_HTML_FILE, EVAL_REPORT_FILE
 
 METRIC_NAMES = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
 SUMMARY = {"run_root": "runs/x", "eval_dir": "runs/x/eval", "model": {"encoder": "mobilenet_v3_small"},
@@ -91,14 +89,14 @@ def test_best_by_another_metric_and_none_when_nothing_succeeded():
 def test_write_report_writes_three_files_and_no_best_json_when_all_failed(tmp_path):
     report = make_report(RESULTS)
     write_report(str(tmp_path / "ok"), report, {1: tiny_jpeg()})
-    assert json.loads((tmp_path / "ok" / REPORT_FILE).read_text()) == report
+    assert json.loads((tmp_path / "ok" / EVAL_REPORT_FILE).read_text()) == report
     assert json.loads((tmp_path / "ok" / BEST_FILE).read_text()) == report["best"]
-    assert (tmp_path / "ok" / HTML_FILE).read_text().startswith("<!DOCTYPE html>")
+    assert (tmp_path / "ok" / EVAL_HTML_FILE).read_text().startswith("<!DOCTYPE html>")
 
     failed = make_report([result(1, 100, status="failed")])
     write_report(str(tmp_path / "failed"), failed, {})
-    assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == [HTML_FILE, REPORT_FILE]
-    assert "no checkpoint could be evaluated" in (tmp_path / "failed" / HTML_FILE).read_text()
+    assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == [EVAL_HTML_FILE, EVAL_REPORT_FILE]
+    assert "no checkpoint could be evaluated" in (tmp_path / "failed" / EVAL_HTML_FILE).read_text()
     assert "no checkpoint could be evaluated" in summarize_report(failed)
 
 

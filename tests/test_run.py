@@ -497,14 +497,6 @@ def test_the_promote_step_refuses_a_models_root_that_is_the_run_root(root):
         STEPS[-1].work(_config(root, f"promote.models_root={root}"), False)
 
 
-def test_file_names_spelled_in_steps_are_their_owners():
-    from pipelines.preprocess import REPORT_FILE
-    from trainer.captioner import EXPORT_METADATA_FILE, SAVED_MODEL_FILE
-
-    assert real_steps.PREPROCESS_REPORT_FILE == REPORT_FILE
-    assert (real_steps.EXPORT_METADATA_FILE, real_steps.SAVED_MODEL_FILE) == (EXPORT_METADATA_FILE, SAVED_MODEL_FILE)
-
-
 # --- the CLI --------------------------------------------------------------------------------------
 
 

@@ -26,12 +26,12 @@ from moto.server import ThreadedMotoServer
 
 from orchestration.cli import main as cli_main
 from pipelines import zips
-from pipelines.preprocess import REPORT_FILE, SCHEMA_FILE, WORD_COUNTS_FILE
-from pipelines.vocabulary import parse_word_counts
 from schemas import records
 from schemas.config import MSCOCO_FILES
+from schemas.layout import PREPROCESS_REPORT_FILE, RECORD_SCHEMA_FILE
 from schemas.storage import copy_dir, exists, read_text
 from schemas.tfrecord import read_records
+from schemas.vocabulary import WORD_COUNTS_FILE, parse_word_counts
 
 BUCKET = "showtell-test"
 SHARDS = {"train": 2, "val": 1, "test": 1}
@@ -107,7 +107,7 @@ def published(s3, tmp_path_factory) -> dict:
         split: [record for name in records.shard_names(split, n) for record in _decoded_records(s3, f"{data}/{name}")]
         for split, n in SHARDS.items()
     }
-    return {"data": data, "records": written, "report": json.loads(s3.cat_file(f"{data}/{REPORT_FILE}"))}
+    return {"data": data, "records": written, "report": json.loads(s3.cat_file(f"{data}/{PREPROCESS_REPORT_FILE}"))}
 
 
 @pytest.mark.slow
@@ -119,8 +119,8 @@ def test_run_root_holds_the_mirror_and_the_published_data_and_nothing_else(s3, p
         "transformed_metadata/schema.pbtxt",
     }
     data = _under(s3, published["data"])
-    assert shards | transform | {WORD_COUNTS_FILE, SCHEMA_FILE, REPORT_FILE} <= data
-    assert {path for path in data if "/" not in path} == shards | {WORD_COUNTS_FILE, SCHEMA_FILE, REPORT_FILE}
+    assert shards | transform | {WORD_COUNTS_FILE, RECORD_SCHEMA_FILE, PREPROCESS_REPORT_FILE} <= data
+    assert {path for path in data if "/" not in path} == shards | {WORD_COUNTS_FILE, RECORD_SCHEMA_FILE, PREPROCESS_REPORT_FILE}
     assert {path.split("/")[0] for path in data if "/" in path} == {"transform_fn", "transformed_metadata"}
     # The mirror, and no staging folder, tf.Transform temp folder or partial download left behind.
     raw = {f"raw/{path}" for path in (*MSCOCO_FILES, "sample.json")}

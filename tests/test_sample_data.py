@@ -19,8 +19,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipelines.captions import tokenize_caption
 from pipelines.sample_data import (
-    COLOURS,
     CAPTIONS_PER_IMAGE,
+    COLOURS,
     ImageSpec,
     ShapeSpec,
     captions_for,

@@ -1,16 +1,12 @@
-"""pipelines/vocabulary.py: tf.Transform's `count word` file, im2txt's `word count` file, and the
+"""pipelines/vocabulary.py and schemas/vocabulary.py: tf.Transform's `count word` file, im2txt's `word count` file, and the
 TensorFlow lookup the transform graph uses, which must agree with `Vocabulary.ids`."""
 from __future__ import annotations
 
 import pytest
 import tensorflow as tf
 
-from pipelines.vocabulary import (
-    Vocabulary,
-    lookup_counted_vocabulary,
-    parse_tft_vocabulary,
-    parse_word_counts,
-)
+from pipelines.vocabulary import lookup_counted_vocabulary, parse_tft_vocabulary
+from schemas.vocabulary import Vocabulary, parse_word_counts
 
 TFT_LINES = ["9 a\n", "7 <S>\n", "7 </S>\n", "5 dog\n", "4 café\n", "4 .\n", "4 n't\n"]
 VOCAB = Vocabulary(("a", "<S>", "</S>", "dog", "café", ".", "n't"), (9, 7, 7, 5, 4, 4, 4))

@@ -28,10 +28,11 @@ import fsspec
 import tensorflow as tf
 import yaml
 
-from pipelines.vocabulary import Vocabulary, parse_word_counts
 from schemas.config import join_url
 from schemas.errors import ShowtellError
+from schemas.layout import CONFIG_FILE, EXPORT_METADATA_FILE, SAVED_MODEL_FILE, STATE_FILE, WEIGHTS_FILE
 from schemas.storage import exists, read_json, read_text
+from schemas.vocabulary import END_WORD, START_WORD, UNKNOWN_WORD, WORD_COUNTS_FILE, Vocabulary, parse_word_counts
 from trainer import checkpoints as ckpt
 from trainer.beam_search import beam_search
 from trainer.inputs import preprocess_image
@@ -41,15 +42,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-START_WORD = "<S>"
-END_WORD = "</S>"
-UNKNOWN_WORD = "<UNK>"
 STATE_NAMES = ("state_h", "state_c")  # the LSTM state [h, c], as named in every signature
 
 # What `showtell export` writes next to saved_model.pb; the metadata file is written last.
-SAVED_MODEL_FILE = "saved_model.pb"
-EXPORT_METADATA_FILE = "showtell_export.json"
-FINAL_FILES = (ckpt.WEIGHTS_FILE, ckpt.CONFIG_FILE, ckpt.WORD_COUNTS_FILE, ckpt.STATE_FILE)
+FINAL_FILES = (WEIGHTS_FILE, CONFIG_FILE, WORD_COUNTS_FILE, STATE_FILE)
 FINAL, SAVED_MODEL = "final/ checkpoint", "SavedModel"  # what `source_kind` finds
 
 State = dict[str, tf.Tensor]
@@ -257,7 +253,7 @@ def load_captioner(path: str) -> Captioner:
 
 def _load_final(path: str) -> Captioner:
     model, _ = ckpt.load_final_model(path)
-    return Captioner.from_model(model, read_text(join_url(path, ckpt.WORD_COUNTS_FILE)))
+    return Captioner.from_model(model, read_text(join_url(path, WORD_COUNTS_FILE)))
 
 
 def _load_saved_model(path: str) -> Captioner:
@@ -267,6 +263,6 @@ def _load_saved_model(path: str) -> Captioner:
     with tempfile.TemporaryDirectory(prefix="showtell-saved-model-") as scratch:
         local = ckpt.fetch_dir(path, os.path.join(scratch, "saved_model"))
         loaded = tf.saved_model.load(local)  # variables are restored into memory: scratch may go
-    vocabulary = parse_word_counts(read_text(join_url(path, ckpt.WORD_COUNTS_FILE)))
+    vocabulary = parse_word_counts(read_text(join_url(path, WORD_COUNTS_FILE)))
     endpoints = Endpoints(loaded.initial_state, loaded.step, owner=loaded)
     return Captioner(endpoints, vocabulary, metadata["image_size"], metadata["vocab_size"])

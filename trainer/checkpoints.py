@@ -28,16 +28,9 @@ import fsspec
 import yaml
 
 from schemas.config import join_url
+from schemas.layout import CONFIG_FILE, FINAL_DIR, OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE
 from schemas.storage import absolute, exists, is_local, read_json, read_text, replace_dir, write_text
-
-WEIGHTS_FILE = "model.weights.h5"
-OPTIMIZER_FILE = "optimizer.npz"
-STATE_FILE = "state.json"
-CONFIG_FILE = "config.yaml"
-WORD_COUNTS_FILE = "word_counts.txt"
-HISTORY_FILE = "history.jsonl"
-FINAL_DIR = "final"
-TENSORBOARD_DIR = "tensorboard"
+from schemas.vocabulary import WORD_COUNTS_FILE
 
 # The columns of history.jsonl, in order (a row may carry more, e.g. grad_norm).
 HISTORY_COLUMNS = ("step", "loss", "perplexity", "learning_rate", "examples_per_sec", "wall_time")

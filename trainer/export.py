@@ -44,9 +44,10 @@ import tensorflow as tf
 
 from schemas.config import join_url
 from schemas.errors import ShowtellError
+from schemas.layout import EXPORT_METADATA_FILE, STATE_FILE
 from schemas.storage import absolute, is_local, read_json, read_text, remove, replace_dir, write_text
-from trainer import checkpoints as ckpt
-from trainer.captioner import EXPORT_METADATA_FILE, FINAL, load_captioner, source_kind
+from schemas.vocabulary import WORD_COUNTS_FILE
+from trainer.captioner import FINAL, load_captioner, source_kind
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def export_saved_model(checkpoint: str, out: str) -> str:
         raise ShowtellError(f"{checkpoint}: already a SavedModel; export takes a published final/ checkpoint")
     started = time.time()
     captioner = load_captioner(checkpoint)
-    state = read_json(join_url(checkpoint, ckpt.STATE_FILE))
+    state = read_json(join_url(checkpoint, STATE_FILE))
     endpoints = captioner.endpoints
     root = tf.Module()  # the SavedModel's object: the two functions and the variables they read
     root.initial_state, root.step = endpoints.initial_state, endpoints.step
@@ -89,8 +90,8 @@ def export_saved_model(checkpoint: str, out: str) -> str:
             local = absolute(staging) if is_local(out) else os.path.join(scratch, "saved_model")
             log.info("writing the SavedModel of %s to %s", checkpoint, out)
             tf.saved_model.save(root, local, signatures=signatures)
-            word_counts = read_text(join_url(checkpoint, ckpt.WORD_COUNTS_FILE))
-            write_text(os.path.join(local, ckpt.WORD_COUNTS_FILE), word_counts)
+            word_counts = read_text(join_url(checkpoint, WORD_COUNTS_FILE))
+            write_text(os.path.join(local, WORD_COUNTS_FILE), word_counts)
             write_text(os.path.join(local, EXPORT_METADATA_FILE), json.dumps(metadata, indent=1) + "\n")
             if not is_local(out):
                 fs, staging_path = fsspec.core.url_to_fs(staging)

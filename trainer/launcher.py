@@ -22,12 +22,13 @@ from ray.train import UserCallback
 
 from schemas.config import Config, join_url
 from schemas.errors import ShowtellError
+from schemas.layout import FINAL_DIR, HISTORY_FILE, PREPROCESS_REPORT_FILE
+from schemas.vocabulary import WORD_COUNTS_FILE
 from trainer import checkpoints as ckpt
 from trainer.train_loop import KILL_AFTER_CHECKPOINT_ENV, TrainJob, train_loop_per_worker
 
 log = logging.getLogger("showtell.train")
 
-PREPROCESS_REPORT_FILE = "preprocess_report.json"
 
 
 class TrainingDivergedError(ShowtellError):
@@ -52,7 +53,7 @@ def plan_phase(config: Config, phase: int) -> PhasePlan:
     report = ckpt.read_json(join_url(data_dir, PREPROCESS_REPORT_FILE))
     if report is None:
         raise ShowtellError(f"no preprocessed data at {data_dir} ({PREPROCESS_REPORT_FILE} missing): run `showtell preprocess` first")
-    word_counts = ckpt.read_text(join_url(data_dir, ckpt.WORD_COUNTS_FILE))
+    word_counts = ckpt.read_text(join_url(data_dir, WORD_COUNTS_FILE))
     if phase == 1 and not phase_cfg.train_encoder and config.model.encoder_weights == "none" and not phase_cfg.encoder_pretrain_steps:
         log.warning(
             "phase 1 freezes the encoder, but model.encoder_weights is `none`: a frozen random encoder "
@@ -70,10 +71,10 @@ def plan_phase(config: Config, phase: int) -> PhasePlan:
         published = ckpt.published_state(phase1_dir)
         if published is None:
             raise ShowtellError(
-                f"phase 2 fine-tunes phase 1's final checkpoint, and {join_url(phase1_dir, ckpt.FINAL_DIR)} "
+                f"phase 2 fine-tunes phase 1's final checkpoint, and {join_url(phase1_dir, FINAL_DIR)} "
                 "holds none: run `showtell train --phase 1` first"
             )
-        init_dir, init_fingerprint = join_url(phase1_dir, ckpt.FINAL_DIR), published["fingerprint"]
+        init_dir, init_fingerprint = join_url(phase1_dir, FINAL_DIR), published["fingerprint"]
     phase_dir = join_url(train_dir, ckpt.phase_name(phase))
     job = TrainJob(
         config=config.model_dump(mode="json"),
@@ -115,7 +116,7 @@ def run_phase(config: Config, phase: int) -> dict:
         if state["step"] < plan.steps:
             raise ShowtellError(f"phase {phase}: the latest checkpoint holds step {state['step']}, not {plan.steps}")
         final = ckpt.publish_final(
-            directory, plan.phase_dir, plan.job.config, join_url(plan.job.data_dir, ckpt.WORD_COUNTS_FILE)
+            directory, plan.phase_dir, plan.job.config, join_url(plan.job.data_dir, WORD_COUNTS_FILE)
         )
     log.info("phase %d: published %s (step %d) in %.1f s", phase, final, state["step"], time.time() - started)
     return _summary(phase, plan.phase_dir, ckpt.published_state(plan.phase_dir), ran=True)
@@ -126,8 +127,8 @@ def _summary(phase: int, phase_dir: str, state: dict, ran: bool) -> dict:
         "phase": phase,
         "ran": ran,  # False: final/ was already complete
         "step": state["step"],
-        "final": join_url(phase_dir, ckpt.FINAL_DIR),
-        "history": join_url(phase_dir, ckpt.HISTORY_FILE),
+        "final": join_url(phase_dir, FINAL_DIR),
+        "history": join_url(phase_dir, HISTORY_FILE),
         "metrics": {k: state["metrics"].get(k) for k in ckpt.HISTORY_COLUMNS},
     }
 

@@ -26,9 +26,9 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from pipelines.vocabulary import parse_word_counts
 from schemas.config import Model
 from schemas.errors import ShowtellError
+from schemas.vocabulary import parse_word_counts
 
 # Encoder name -> (keras.applications constructor, its options for [-1, 1] input, whether it
 # rescales [0, 255] input itself and so needs [-1, 1] mapped back in front).

@@ -33,6 +33,7 @@ from typing import Optional
 
 from schemas.config import Config, join_url
 from schemas.errors import ShowtellError
+from schemas.layout import HISTORY_FILE, TENSORBOARD_DIR, WEIGHTS_FILE
 from trainer import checkpoints as ckpt
 
 log = logging.getLogger("showtell.train")
@@ -227,7 +228,7 @@ def restore(job: TrainJob, model, optimizer, checkpoint) -> TrainState:
         log.info("phase %d: resumed from step %d", job.phase, state.step)
     elif job.init_dir is not None:
         with tempfile.TemporaryDirectory(prefix="showtell-init-") as scratch:
-            model.load_weights(os.path.join(ckpt.fetch_dir(job.init_dir, scratch), ckpt.WEIGHTS_FILE))
+            model.load_weights(os.path.join(ckpt.fetch_dir(job.init_dir, scratch), WEIGHTS_FILE))
         fingerprint = ckpt.weights_fingerprint(model)
         if job.init_fingerprint and fingerprint != job.init_fingerprint:
             raise ShowtellError(f"weights loaded from {job.init_dir} do not match its state.json fingerprint")
@@ -236,7 +237,7 @@ def restore(job: TrainJob, model, optimizer, checkpoint) -> TrainState:
     else:
         state = TrainState()
     if rank == 0:  # drop rows of a lost attempt (after the checkpoint we resume from)
-        ckpt.write_text(join_url(job.phase_dir, ckpt.HISTORY_FILE), ckpt.history_text(state.history))
+        ckpt.write_text(join_url(job.phase_dir, HISTORY_FILE), ckpt.history_text(state.history))
     return state
 
 
@@ -328,7 +329,7 @@ class Reporter:
         self._losses: list[float] = []
         self._norms: list[float] = []
         self._since = time.time()
-        self._tensorboard = _TensorBoard(join_url(job.phase_dir, ckpt.TENSORBOARD_DIR)) if rank == 0 else None
+        self._tensorboard = _TensorBoard(join_url(job.phase_dir, TENSORBOARD_DIR)) if rank == 0 else None
 
     def record_step(self, step: int, loss: float, grad_norm: float) -> Optional[str]:
         """Keeps the step's loss; returns an error message if it is not finite."""
@@ -371,7 +372,7 @@ class Reporter:
                 {**row, "phase": self.job.phase}, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{state.step:09d}"
             )
         if self.rank == 0:  # after the report: the checkpoint holding this row is committed
-            ckpt.write_text(join_url(self.job.phase_dir, ckpt.HISTORY_FILE), ckpt.history_text(state.history))
+            ckpt.write_text(join_url(self.job.phase_dir, HISTORY_FILE), ckpt.history_text(state.history))
             self._tensorboard.write(row)
         _maybe_kill_for_test(self.rank)
         self._losses, self._norms, self._since = [], [], time.time()

@@ -13,6 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
+from schemas.layout import FINAL_DIR
 from schemas.records import CAPTION_IDS_KEY
 
 
@@ -67,7 +68,7 @@ def validate_phase(config, phase: int, split: str = "val") -> dict[str, float]:
     from trainer import checkpoints as ckpt
     from trainer.inputs import shard_files
 
-    final = join_url(config.train_dir, ckpt.phase_name(phase), ckpt.FINAL_DIR)
+    final = join_url(config.train_dir, ckpt.phase_name(phase), FINAL_DIR)
     model, trained = ckpt.load_final_model(final)
     eval_files = shard_files(config.data_dir, split)
     return {
