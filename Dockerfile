@@ -20,6 +20,7 @@ COPY setup.py README.md ./
 COPY schemas ./schemas
 COPY pipelines ./pipelines
 COPY trainer ./trainer
+COPY inference ./inference
 COPY orchestration ./orchestration
 COPY configs ./configs
 RUN pip install --no-cache-dir "${TENSORFLOW}" ".[gcs,s3,kfp]" \

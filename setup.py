@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Google's Show and Tell image captioner as a Beam + tf.Transform + Ray Train pipeline",
     python_requires=">=3.10,<3.13",
-    packages=find_packages(include=["pipelines*", "trainer*", "orchestration*", "schemas*"]),
+    packages=find_packages(include=["pipelines*", "trainer*", "inference*", "orchestration*", "schemas*"]),
     package_data={"schemas": ["*.pbtxt"], "": ["*.yaml"]},
     install_requires=[
         # The user's chosen stack.

@@ -1,4 +1,4 @@
-"""Caption throughput: batched `trainer.beam_search` against im2txt's one-image-at-a-time design.
+"""Caption throughput: batched `inference.beam_search` against im2txt's one-image-at-a-time design.
 
     .venv/bin/python benchmarks/caption_bench.py      # the demo's model (configs/local.yaml), random weights and pixels
     .venv/bin/python benchmarks/caption_bench.py --checkpoint runs/local/train/phase2/final \\
@@ -36,7 +36,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from benchmarks.im2txt_caption_generator import CaptionGenerator  # noqa: E402
-from trainer.beam_search import Caption, State, beam_search  # noqa: E402
+from inference.beam_search import Caption, State, beam_search  # noqa: E402
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "local.yaml"
 # A random-weights model has no word_counts.txt: the demo's has 38 lines, <S> and </S> on lines

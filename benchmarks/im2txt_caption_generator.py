@@ -1,5 +1,5 @@
 """im2txt's CaptionGenerator, ported to showtell's StepModel: the baseline that `caption_bench.py`
-times against `trainer.beam_search`.
+times against `inference.beam_search`.
 
 Reproduces the design of tensorflow/models research/im2txt/im2txt/inference_utils/
 caption_generator.py: one image at a time; its initial state for that one image, then per step
@@ -13,7 +13,7 @@ returned.
     generator = CaptionGenerator(model, start_id=1, end_id=2, beam_size=3, max_caption_length=20)
     generator.beam_search(images[:1])   # [Caption(...), ...], best first, as beam_search's per image
 
-The departures, each so that it returns exactly what `trainer.beam_search` returns:
+The departures, each so that it returns exactly what `inference.beam_search` returns:
 - The slicing defect (tensorflow/models issue 6513) is fixed: `argsort(p)[-beam_size:]` keeps
   the most probable words where im2txt's `argsort(p)[:-beam_size]` kept all but them.
   `im2txt_slicing=True` restores the defect (tests show what it costs).
@@ -22,7 +22,7 @@ The departures, each so that it returns exactly what `trainer.beam_search` retur
   fallback. im2txt counted `<S>` too and ran max_caption_length - 1 steps.
 - The model is a StepModel (logits out); the softmax im2txt's graph computed is taken here in
   numpy float32, and the words fed are int32.
-- Captions come out as `trainer.beam_search.Caption` (words without `<S>` and `</S>`).
+- Captions come out as `inference.beam_search.Caption` (words without `<S>` and `</S>`).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from trainer.beam_search import Caption, StepModel
+from inference.beam_search import Caption, StepModel
 
 MIN_PROBABILITY = 1e-12  # im2txt skips rarer words ("Avoid log(0).")
 

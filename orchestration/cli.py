@@ -73,7 +73,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_caption(args: argparse.Namespace) -> int:
-    from trainer.captioner import caption_files, load_captioner
+    from inference.captioner import caption_files, load_captioner
 
     captioner = load_captioner(args.checkpoint)
     results = caption_files(
@@ -99,8 +99,8 @@ def _cmd_caption(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from inference.export import export_saved_model
     from schemas.storage import absolute
-    from trainer.export import export_saved_model
 
     print(absolute(export_saved_model(args.checkpoint, args.out)))
     return 0

@@ -194,7 +194,7 @@ def _required_json(url: str, step: str) -> dict[str, Any]:
 
 def _export(config: Config, progress: bool) -> dict[str, Any]:
     """Exports the checkpoint best.json names as a SavedModel to `<run_root>/export/`."""
-    from trainer.export import export_saved_model
+    from inference.export import export_saved_model
 
     best = _required_json(join_url(config.eval_dir, BEST_FILE), "evaluate")
     checkpoint = best["checkpoint"]

@@ -221,8 +221,8 @@ class CheckpointLoader:
 
     def load(self, ref: CheckpointRef):
         """(ShowAndTell, Captioner) holding `ref`'s weights; any error when it does not load."""
+        from inference.captioner import Captioner
         from schemas.config import Model, build_config
-        from trainer.captioner import Captioner
 
         if ref.kind == FINAL:
             model_cfg = build_config(yaml.safe_load(read_text(join_url(ref.url, CONFIG_FILE)))).model

@@ -1,4 +1,4 @@
-"""trainer/beam_search.py: batched beam search against exhaustive search, greedy decoding and
+"""inference/beam_search.py: batched beam search against exhaustive search, greedy decoding and
 im2txt's design (benchmarks/im2txt_caption_generator.py), on a fake StepModel and a real
 ShowAndTell."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 
 from benchmarks.im2txt_caption_generator import CaptionGenerator
+from inference.beam_search import Caption, beam_search
 from schemas.config import Model
-from trainer.beam_search import Caption, beam_search
 from trainer.model import build_model
 
 START, END, A, B, C = range(5)  # the fake vocabulary: <S>, </S> and three words

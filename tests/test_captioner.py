@@ -1,4 +1,4 @@
-"""trainer/captioner.py and `showtell caption`: a tiny random model published as a real `final/`,
+"""inference/captioner.py and `showtell caption`: a tiny random model published as a real `final/`,
 captioning real JPEG and PNG files (tests/captioning.py)."""
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from inference.captioner import Captioner, load_captioner
 from orchestration.cli import main as cli_main
 from schemas.errors import ShowtellError
 from schemas.layout import CONFIG_FILE, WEIGHTS_FILE
 from tests.captioning import MODEL, NUM_WORDS, WORD_COUNTS, assert_same_captions, image, publish_tiny_final
-from trainer.captioner import Captioner, load_captioner
 from trainer.inputs import preprocess_image
 
 UNITS = MODEL["num_lstm_units"]

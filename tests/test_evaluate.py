@@ -264,7 +264,7 @@ def test_trained_model_beats_a_blind_baseline(evaluated, demo_run):
     for every one of them instead, it must score a third of that CIDEr or less."""
     from PIL import Image
 
-    from trainer.captioner import load_captioner
+    from inference.captioner import load_captioner
 
     report = evaluated["report"]
     final = entry(report, 2, FINAL)

@@ -1,4 +1,4 @@
-"""trainer/export.py and `showtell export`: the tiny published `final/` (tests/captioning.py) as a
+"""inference/export.py and `showtell export`: the tiny published `final/` (tests/captioning.py) as a
 SavedModel, loaded by plain TensorFlow and by showtell, captioning exactly as its checkpoint."""
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from inference.captioner import Captioner, load_captioner
+from inference.export import export_saved_model
 from orchestration.cli import main as cli_main
 from schemas.errors import ShowtellError
 from schemas.layout import EXPORT_METADATA_FILE
 from schemas.storage import remove
 from schemas.vocabulary import WORD_COUNTS_FILE
 from tests.captioning import MODEL, NUM_WORDS, assert_same_captions, image, publish_tiny_final
-from trainer.captioner import Captioner, load_captioner
-from trainer.export import export_saved_model
 
 UNITS = MODEL["num_lstm_units"]
 IMAGES = [image(0), image(1, "PNG"), image(2)]

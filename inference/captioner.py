@@ -5,13 +5,13 @@
     captioner.caption([jpeg_bytes], beam_size=3)
     # [[("a large red circle on a white background", 0.040413), ...]]   per image, best first
 
-A Captioner is beam search's StepModel (trainer/beam_search.py) over encoded image bytes:
+A Captioner is beam search's StepModel (inference/beam_search.py) over encoded image bytes:
 
     state = captioner.initial_state(images)          # string [N] -> {"state_h", "state_c"}, each float32 [N, units]
     logits, state = captioner.step(words, state)      # int [N], state -> logits float32 [N, vocab], state
 
 Both run the two `Endpoints` tf.functions, fixed signatures so beam search traces each once. The
-same functions are what `trainer.export` saves as the SavedModel's signatures, so a checkpoint
+same functions are what `inference.export` saves as the SavedModel's signatures, so a checkpoint
 and its export decode, preprocess (`trainer.inputs.preprocess_image`, eval mode, inside the
 graph) and caption identically.
 """
@@ -28,13 +28,13 @@ import fsspec
 import tensorflow as tf
 import yaml
 
+from inference.beam_search import beam_search
 from schemas.config import join_url
 from schemas.errors import ShowtellError
 from schemas.layout import CONFIG_FILE, EXPORT_METADATA_FILE, SAVED_MODEL_FILE, STATE_FILE, WEIGHTS_FILE
 from schemas.storage import exists, read_json, read_text
 from schemas.vocabulary import END_WORD, START_WORD, UNKNOWN_WORD, WORD_COUNTS_FILE, Vocabulary, parse_word_counts
 from trainer import checkpoints as ckpt
-from trainer.beam_search import beam_search
 from trainer.inputs import preprocess_image
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class Endpoints:
             -> {"logits": float32 [N, vocab], "softmax": float32 [N, vocab],
                 "state_h": float32 [N, units], "state_c": float32 [N, units]}
 
-    A SavedModel that `trainer.export` wrote, once loaded, has the same two functions.
+    A SavedModel that `inference.export` wrote, once loaded, has the same two functions.
     """
 
     initial_state: Callable[..., dict[str, tf.Tensor]]
@@ -154,7 +154,7 @@ class Captioner:
         batch_size: int = 64,
     ) -> list[list[tuple[str, float]]]:
         """Per image, up to `beam_size` captions as (sentence, probability), best first (as
-        trainer.beam_search ranks them); batches of `batch_size` images share one model call per
+        inference.beam_search ranks them); batches of `batch_size` images share one model call per
         decoding step."""
         results: list[list[tuple[str, float]]] = []
         for start in range(0, len(images), batch_size):

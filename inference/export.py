@@ -28,7 +28,7 @@ also the loaded object's methods (`tf.saved_model.load(OUT).step(input_words, st
 
 A client captions as im2txt: `initial_state` once, then `step` from `<S>`, keeping the best
 `beam_size` partial captions per image and feeding each one's word and state rows back
-(trainer/beam_search.py), until `</S>` or max_caption_length words.
+(inference/beam_search.py), until `</S>` or max_caption_length words.
 """
 from __future__ import annotations
 
@@ -42,12 +42,12 @@ import uuid
 import fsspec
 import tensorflow as tf
 
+from inference.captioner import FINAL, load_captioner, source_kind
 from schemas.config import join_url
 from schemas.errors import ShowtellError
 from schemas.layout import EXPORT_METADATA_FILE, STATE_FILE
 from schemas.storage import absolute, is_local, read_json, read_text, remove, replace_dir, write_text
 from schemas.vocabulary import WORD_COUNTS_FILE
-from trainer.captioner import FINAL, load_captioner, source_kind
 
 log = logging.getLogger(__name__)
 
