@@ -1,5 +1,5 @@
 """`showtell export`: a published `final/` checkpoint -> a TensorFlow SavedModel, for TF Serving
-and for `showtell caption` (REFERENCE.md, "Inference": export for serving).
+and for `showtell caption` (docs/im2txt.md, "Inference", and "What im2txt's users asked for": export for serving).
 
     export_saved_model("runs/local/train/phase2/final", "exports/showtell")   # any fsspec URL
 
@@ -37,7 +37,6 @@ import logging
 import os
 import tempfile
 import time
-import uuid
 
 import fsspec
 import tensorflow as tf
@@ -46,7 +45,7 @@ from inference.captioner import FINAL, load_captioner, source_kind
 from schemas.config import join_url
 from schemas.errors import ShowtellError
 from schemas.layout import EXPORT_METADATA_FILE, STATE_FILE
-from schemas.storage import absolute, is_local, read_json, read_text, remove, replace_dir, write_text
+from schemas.storage import absolute, is_local, publish_dir, read_json, read_text, write_text
 from schemas.vocabulary import WORD_COUNTS_FILE
 
 log = logging.getLogger(__name__)
@@ -58,8 +57,9 @@ def export_saved_model(checkpoint: str, out: str) -> str:
     """Exports a published `final/` checkpoint as a SavedModel folder at `out` (local path or
     fsspec URL), with its word_counts.txt and `showtell_export.json`; returns `out`.
 
-    Written into a `<out>.tmp-<id>` sibling (for URLs: written locally, then uploaded there)
-    and moved over `out` whole, so `out` is never half-written; the metadata file goes last.
+    Written into a staging sibling of `out` (for URLs: written locally, then uploaded there) and
+    published over `out` whole (`schemas.storage.publish_dir`), so `out` is never half-written;
+    the metadata file goes last.
     """
     if source_kind(checkpoint) != FINAL:
         raise ShowtellError(f"{checkpoint}: already a SavedModel; export takes a published final/ checkpoint")
@@ -83,21 +83,18 @@ def export_saved_model(checkpoint: str, out: str) -> str:
         "unknown_id": len(captioner.words),
     }
 
-    staging = f"{absolute(out).rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with tempfile.TemporaryDirectory(prefix="showtell-export-") as scratch:
-            # SavedModels are written to a local folder only: for a URL, a local one is uploaded.
-            local = absolute(staging) if is_local(out) else os.path.join(scratch, "saved_model")
-            log.info("writing the SavedModel of %s to %s", checkpoint, out)
-            tf.saved_model.save(root, local, signatures=signatures)
-            word_counts = read_text(join_url(checkpoint, WORD_COUNTS_FILE))
-            write_text(os.path.join(local, WORD_COUNTS_FILE), word_counts)
-            write_text(os.path.join(local, EXPORT_METADATA_FILE), json.dumps(metadata, indent=1) + "\n")
-            if not is_local(out):
-                fs, staging_path = fsspec.core.url_to_fs(staging)
-                fs.put(local.rstrip("/") + "/", staging_path.rstrip("/") + "/", recursive=True)
-        replace_dir(staging, out, marker=EXPORT_METADATA_FILE)
-    finally:
-        remove(staging)
+    with publish_dir(out, marker=EXPORT_METADATA_FILE) as staging, tempfile.TemporaryDirectory(
+        prefix="showtell-export-"
+    ) as scratch:
+        # SavedModels are written to a local folder only: for a URL, a local one is uploaded.
+        local = staging if is_local(out) else os.path.join(scratch, "saved_model")
+        log.info("writing the SavedModel of %s to %s", checkpoint, out)
+        tf.saved_model.save(root, local, signatures=signatures)
+        word_counts = read_text(join_url(checkpoint, WORD_COUNTS_FILE))
+        write_text(os.path.join(local, WORD_COUNTS_FILE), word_counts)
+        write_text(os.path.join(local, EXPORT_METADATA_FILE), json.dumps(metadata, indent=1) + "\n")
+        if not is_local(out):
+            fs, staging_path = fsspec.core.url_to_fs(staging)
+            fs.put(local.rstrip("/") + "/", staging_path.rstrip("/") + "/", recursive=True)
     log.info("exported %s (step %s) to %s in %.1f s", checkpoint, state.get("step"), out, time.time() - started)
     return out

@@ -33,7 +33,7 @@ from orchestration.manifest import signature
 from schemas.config import join_url
 from schemas.errors import ShowtellError
 from schemas.layout import CURRENT_DIR, HISTORY_FILE, MODEL_FILE, PREVIOUS_DIR
-from schemas.storage import copy_dir, exists, read_json, read_text, remove, replace_dir, write_text
+from schemas.storage import copy_dir, exists, publish_dir, read_json, read_text, write_text
 
 log = logging.getLogger("showtell.promote")
 
@@ -149,7 +149,6 @@ def _install(
     current_dir = join_url(models_root, CURRENT_DIR)
     if current is not None:
         copy_dir(current_dir, record["previous_model"]["location"], marker=MODEL_FILE)
-    staging = join_url(models_root, f"{CURRENT_DIR}.tmp-{record['id']}")
     model = {
         "run_root": candidate.run_root,
         "export": candidate.export_dir,
@@ -158,12 +157,9 @@ def _install(
         **candidate.details,
         "promotion": record,
     }
-    try:
+    with publish_dir(current_dir, marker=MODEL_FILE) as staging:
         copy_dir(candidate.export_dir, staging)
         write_text(join_url(staging, MODEL_FILE), json.dumps(model, indent=1) + "\n")
-        replace_dir(staging, current_dir, marker=MODEL_FILE)
-    finally:
-        remove(staging)
 
 
 def _append_once(models_root: str, record: dict[str, Any]) -> None:

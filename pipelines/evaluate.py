@@ -7,7 +7,7 @@
 
 `build_evaluate_pipeline` is the pure factory (it only adds transforms to a Pipeline);
 `run_evaluate` is the runner: it lists the checkpoints, runs the pipeline into a staging folder
-and publishes it whole as `<run_root>/eval/` (`schemas.storage.replace_dir`).
+and publishes it whole as `<run_root>/eval/` (`schemas.storage.publish_dir`).
 
 One element per checkpoint, so checkpoints are evaluated in parallel across workers. Each one:
 the checkpoint is loaded, and its weights must match the fingerprint in its state.json (one that
@@ -30,7 +30,6 @@ import dataclasses
 import datetime
 import io
 import itertools
-import json
 import logging
 import math
 import re
@@ -41,7 +40,6 @@ from typing import Iterable, Iterator, Optional
 
 import apache_beam as beam
 import fsspec
-import yaml
 
 from pipelines.beam_options import pipeline_options
 from pipelines.coco_metrics import CocoScorer, check_java
@@ -49,8 +47,8 @@ from pipelines.report import build_report, checkpoint_order, write_report
 from schemas import records
 from schemas.config import Config, join_url
 from schemas.errors import ShowtellError
-from schemas.layout import CONFIG_FILE, EVAL_REPORT_FILE, FINAL_DIR, PREPROCESS_REPORT_FILE, STATE_FILE, WEIGHTS_FILE
-from schemas.storage import read_json, read_text, remove, replace_dir
+from schemas.layout import EVAL_REPORT_FILE, FINAL_DIR, PREPROCESS_REPORT_FILE, STATE_FILE
+from schemas.storage import publish_dir, read_json, read_text
 from schemas.tfrecord import read_records
 from schemas.vocabulary import END_WORD, START_WORD, WORD_COUNTS_FILE
 from trainer import checkpoints as ckpt
@@ -205,47 +203,30 @@ def _finite(value: float) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
-class CheckpointLoader:
-    """Loads checkpoints for evaluation into one built model, rebuilt only when the model config
-    or vocabulary changes (building and tracing cost far more than loading weights).
-
-    A final/ is built from its own config.yaml and word_counts.txt, a kept checkpoint from the
-    run's `model` config and `<data_dir>/word_counts.txt`. The loaded weights must match the
-    fingerprint in the checkpoint's state.json, so a garbled file that still loads is caught too.
-    """
+class CheckpointCaptioners:
+    """Each checkpoint as (ShowAndTell, Captioner): `trainer.checkpoints.CheckpointLoader` loads it
+    (a final/ with its own config and vocabulary, a kept checkpoint with the run's `model` config
+    and `<data_dir>/word_counts.txt`), and the Captioner around the model is built again only when
+    the loader built a new model."""
 
     def __init__(self, plan: EvalPlan):
         self._plan = plan
-        self._key: Optional[tuple[str, str]] = None  # (model config JSON, word_counts.txt) of the built model
-        self._built = None  # (ShowAndTell, Captioner) for `_key`
+        self._loader = ckpt.CheckpointLoader()
+        self._captioner = None  # a Captioner of the loader's current model
 
     def load(self, ref: CheckpointRef):
         """(ShowAndTell, Captioner) holding `ref`'s weights; any error when it does not load."""
         from inference.captioner import Captioner
-        from schemas.config import Model, build_config
+        from schemas.config import Model
 
         if ref.kind == FINAL:
-            model_cfg = build_config(yaml.safe_load(read_text(join_url(ref.url, CONFIG_FILE)))).model
-            word_counts = read_text(join_url(ref.url, WORD_COUNTS_FILE))
+            loaded = self._loader.load(ref.url)
         else:
-            model_cfg, word_counts = Model.model_validate(self._plan.model), read_text(self._plan.word_counts_url)
-        state = read_json(join_url(ref.url, STATE_FILE))
-        if not state or "fingerprint" not in state:
-            raise ShowtellError(f"{STATE_FILE} is missing or has no weights fingerprint: an incomplete checkpoint")
-        key = (json.dumps(model_cfg.model_dump(mode="json", exclude={"encoder_weights"}), sort_keys=True), word_counts)
-        if key != self._key:
-            self._key, self._built = None, None
-            model = ckpt.build_inference_model(model_cfg, word_counts)
-            self._built, self._key = (model, Captioner.from_model(model, word_counts)), key
-        model, captioner = self._built
-        try:
-            ckpt.load_weights(model, ref.url)
-        except Exception:
-            self._key, self._built = None, None  # partly loaded: rebuild for the next checkpoint
-            raise
-        if ckpt.weights_fingerprint(model) != state["fingerprint"]:
-            raise ShowtellError(f"the weights in {WEIGHTS_FILE} do not match the fingerprint in {STATE_FILE}")
-        return model, captioner
+            model_cfg = Model.model_validate(self._plan.model)
+            loaded = self._loader.load(ref.url, model_cfg, read_text(self._plan.word_counts_url))
+        if self._captioner is None or self._captioner.endpoints.owner is not loaded.model:
+            self._captioner = Captioner.from_model(loaded.model, loaded.word_counts)
+        return loaded.model, self._captioner
 
 
 def _best(beams: list[tuple[str, float]]) -> tuple[str, float]:
@@ -260,7 +241,7 @@ def _error_text(error: BaseException) -> str:
 
 
 def evaluate_checkpoint(
-    ref: CheckpointRef, references: dict[int, list[str]], plan: EvalPlan, loader: CheckpointLoader, scorer: CocoScorer
+    ref: CheckpointRef, references: dict[int, list[str]], plan: EvalPlan, loader: CheckpointCaptioners, scorer: CocoScorer
 ) -> dict:
     """One checkpoint's result: status `ok` with perplexity, metrics, blind baseline and captions,
     or `failed` with the error when it does not load."""
@@ -328,7 +309,7 @@ class EvaluateCheckpointFn(beam.DoFn):
 
     def __init__(self, plan: EvalPlan):
         self._plan = plan
-        self._loader: Optional[CheckpointLoader] = None
+        self._loader: Optional[CheckpointCaptioners] = None
         self._scorer: Optional[CocoScorer] = None
         self._ok = beam.metrics.Metrics.counter("showtell.evaluate", "checkpoints_ok")
         self._failed = beam.metrics.Metrics.counter("showtell.evaluate", "checkpoints_failed")
@@ -340,7 +321,7 @@ class EvaluateCheckpointFn(beam.DoFn):
             progress.addHandler(handler)
             progress.propagate = False
         progress.setLevel(logging.INFO if self._plan.log_progress else logging.WARNING)
-        self._loader = CheckpointLoader(self._plan)
+        self._loader = CheckpointCaptioners(self._plan)
         self._scorer = CocoScorer(spice=self._plan.eval["spice"])
 
     def process(self, ref: CheckpointRef, references: dict[int, list[str]]) -> Iterator[dict]:
@@ -394,23 +375,17 @@ def run_evaluate(config: Config) -> dict:
     """Runs the pipeline on the configured runner and publishes `<run_root>/eval/`; returns the
     report. ShowtellError (after publishing the report) when no checkpoint could be evaluated."""
     run_id = uuid.uuid4().hex[:8]
-    staging = join_url(config.run_root, f"eval.staging-{run_id}")
-    plan = plan_from_config(config, staging)
-    log.info(
-        "evaluate: %d checkpoints on the %s split (%s) -> %s on %s",
-        len(plan.checkpoints), plan.split, config.data_dir, config.eval_dir, config.beam.runner,
-    )
-    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    started = time.time()
-    try:
-        fs, staging_path = fsspec.core.url_to_fs(staging)
-        fs.makedirs(staging_path, exist_ok=True)
+    with publish_dir(config.eval_dir, marker=EVAL_REPORT_FILE) as staging:
+        plan = plan_from_config(config, staging)
+        log.info(
+            "evaluate: %d checkpoints on the %s split (%s) -> %s on %s",
+            len(plan.checkpoints), plan.split, config.data_dir, config.eval_dir, config.beam.runner,
+        )
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        started = time.time()
         with beam.Pipeline(options=pipeline_options(config.beam, job_name=f"showtell-evaluate-{run_id}")) as pipeline:
             build_evaluate_pipeline(pipeline, plan, created)
         report = read_json(join_url(staging, EVAL_REPORT_FILE))
-        replace_dir(staging, config.eval_dir, marker=EVAL_REPORT_FILE)
-    finally:
-        remove(staging)
     log.info("evaluate: %d checkpoints in %.1f s", len(report["checkpoints"]), time.time() - started)
     if report["best"] is None:
         failed = "; ".join(f"{c['url']}: {c['error']}" for c in report["checkpoints"])

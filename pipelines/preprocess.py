@@ -6,8 +6,8 @@
 
 `build_preprocess_pipeline` is the pure factory (it only adds transforms to a Pipeline);
 `run_preprocess` is the runner: it checks the inputs, runs the pipeline into a staging folder,
-completes the shard set, writes the report, and only then moves everything to
-`<run_root>/data/`, so a failed run never leaves half-written outputs there.
+completes the shard set, writes the report, and only then publishes everything as
+`<run_root>/data/` (`schemas.storage.publish_dir`), so a failed run never leaves half-written outputs there.
 
 Shards, word_counts.txt and the report are written with fsspec (any store); tf.Transform writes
 only through tf.io.gfile, which has no s3:// in TF 2.21, so on such a run_root the DirectRunner
@@ -53,7 +53,7 @@ from schemas import records
 from schemas.config import ANNOTATIONS_ZIP, TRAIN_IMAGES_ZIP, VAL_IMAGES_ZIP, Config, join_url
 from schemas.errors import ShowtellError
 from schemas.layout import PREPROCESS_REPORT_FILE, RECORD_SCHEMA_FILE
-from schemas.storage import copy_dir, exists, fresh_fs, is_local, read_text, remove, replace_dir, write_text
+from schemas.storage import copy_dir, exists, fresh_fs, is_local, publish_dir, read_text, remove, write_text
 from schemas.tfrecord import write_records
 from schemas.vocabulary import WORD_COUNTS_FILE, Vocabulary, parse_word_counts
 
@@ -360,17 +360,14 @@ def run_preprocess(config: Config) -> dict:
     import tensorflow_transform.beam as tft_beam
 
     run_id = uuid.uuid4().hex[:8]
-    staging = join_url(config.run_root, f"data.staging-{run_id}")
     options = pipeline_options(config.beam, job_name=f"showtell-preprocess-{run_id}")
     runner = options.view_as(StandardOptions).runner
-    try:
+    with publish_dir(config.data_dir, marker=PREPROCESS_REPORT_FILE) as staging:
         with _transform_dirs(config.run_root, staging, run_id, runner) as (temp_dir, transform_dir):
             plan = plan_from_config(config, staging, transform_dir)
             extra_tallies = _check_inputs(plan)
             log.info("preprocess: %s -> %s on %s", config.data.mirror, config.data_dir, runner)
             started = time.time()
-            staging_fs, staging_path = fsspec.core.url_to_fs(staging)
-            staging_fs.makedirs(staging_path, exist_ok=True)
             with tft_beam.Context(temp_dir=temp_dir):
                 with beam.Pipeline(options=options) as pipeline:
                     build_preprocess_pipeline(pipeline, plan)
@@ -382,9 +379,6 @@ def run_preprocess(config: Config) -> dict:
         report["output_dir"] = config.data_dir
         write_text(join_url(staging, RECORD_SCHEMA_FILE), records.record_schema_text())
         write_text(join_url(staging, PREPROCESS_REPORT_FILE), json.dumps(report, indent=2, sort_keys=True) + "\n")
-        replace_dir(staging, config.data_dir, marker=PREPROCESS_REPORT_FILE)
-    finally:
-        remove(staging)
     log.info("preprocess: %d records in %.1f s", report["records_written"], report["seconds"])
     return report
 

@@ -1,12 +1,22 @@
 """Reading and writing small files at any fsspec URL (a local path, gs://, s3://, memory://),
-shared by every stage."""
+and publishing whole folders, shared by every stage.
+
+Publishing a folder atomically is the project's central promise: data/, final/, eval/, an export
+and a promoted model are each either the old folder or the new one, never a mix, whatever kills
+the process. `publish_dir` is the one way to do it:
+
+    with publish_dir("runs/x/eval", marker="report.json") as staging:
+        write_text(join_url(staging, "report.json"), text)      # ... and the rest of the folder
+    # runs/x/eval/ is now the new folder; had the block raised, it would be the old one
+"""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import uuid
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import fsspec
 
@@ -102,6 +112,27 @@ def replace_dir(source: str, dest: str, marker: Optional[str] = None) -> None:
         fs.copy(path, dest_path + path[len(source_path.rstrip("/")) :])
 
 
+@contextmanager
+def publish_dir(dest: str, marker: Optional[str] = None) -> Iterator[str]:
+    """Yields an empty staging folder, `<dest>.staging-<id>` beside `dest`, to write the new folder
+    into; when the block ends without an error, the staging folder takes the place of `dest`
+    (`replace_dir`, `marker` last on object stores). Whether the block succeeds or raises, no
+    staging folder is left behind, and on an error `dest` is as it was.
+
+    A process killed inside the block leaves `dest` as it was too, and its staging folder behind
+    (nothing runs after SIGKILL): it is never read, and its name says what it is.
+    """
+    dest = absolute(dest)
+    staging = f"{dest.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}"
+    fs, staging_path = fresh_fs(staging)
+    fs.makedirs(staging_path, exist_ok=True)
+    try:
+        yield staging
+        replace_dir(staging, dest, marker=marker)
+    finally:
+        remove(staging)
+
+
 def copy_dir(source: str, dest: str, marker: Optional[str] = None) -> None:
     """Copies every file under folder `source` to the same place under `dest`, which may be on
     another store (a local export into a gs:// models root); `marker` (a file name) goes last, so
@@ -115,3 +146,16 @@ def copy_dir(source: str, dest: str, marker: Optional[str] = None) -> None:
         dest_fs.makedirs(dest_fs._parent(target), exist_ok=True)
         with source_fs.open(path, "rb") as reader, dest_fs.open(target, "wb") as writer:
             shutil.copyfileobj(reader, writer, 1 << 20)
+
+
+def read_json_object(url: str) -> Optional[dict]:
+    """The JSON object at `url`, or None when there is none or what is there is not one.
+
+    For records a run rebuilds when they are missing (a download's `.verified.json`, the sample's
+    stamp): one left damaged, by hand or by an older writer, is rebuilt rather than fatal.
+    """
+    try:
+        value = read_json(url)
+    except ValueError:  # not UTF-8, or not JSON
+        return None
+    return value if isinstance(value, dict) else None

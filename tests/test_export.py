@@ -144,7 +144,7 @@ def test_the_export_folder_holds_vocabulary_and_metadata_and_nothing_half_writte
         "end_id": 2,
         "unknown_id": NUM_WORDS,
     }
-    assert [name for name in os.listdir(folder.parent) if ".tmp-" in name] == []
+    assert [name for name in os.listdir(folder.parent) if ".staging-" in name] == []
 
 
 def test_export_cli_writes_to_a_url_and_caption_cli_reads_it_back(final, checkpoint_captions, tmp_path, capsys):

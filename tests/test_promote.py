@@ -58,7 +58,7 @@ def test_the_first_model_is_promoted(tmp_path):
     assert model["metrics"]["CIDEr"] == 0.50 and model["run_root"].endswith("night1") and model["eval"] == EVAL
     assert model["promotion"] == record
     assert read_history(models) == [record]
-    assert not list(Path(models).glob("current.tmp-*"))
+    assert not list(Path(models).glob("current.staging-*"))
 
 
 def test_a_better_model_is_promoted_and_the_old_one_kept_under_previous(tmp_path):

@@ -1,12 +1,18 @@
-"""schemas/storage.py: the one folder swap that publishes both data/ and final/."""
+"""schemas/storage.py: the one folder swap, and `publish_dir`, the one way every stage publishes a
+folder (data/, final/, eval/, an export, a promoted model), on a local disk and on memory://."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import uuid
 
 import fsspec
 import pytest
 
-from schemas.storage import read_text, replace_dir, write_text
+from schemas.storage import publish_dir, read_text, replace_dir, write_text
 
 
 def _tree(url: str) -> dict[str, str]:
@@ -37,3 +43,62 @@ def test_replace_dir_creates_dest_when_there_is_none(base):
     replace_dir(f"{base}/staging", f"{base}/dest")
 
     assert _tree(f"{base}/dest") == {"x.txt": "x"}
+
+
+# --- publish_dir: the one way a folder is published --------------------------------------------
+
+
+def _staging_left(base: str) -> list[str]:
+    fs, root = fsspec.core.url_to_fs(base)
+    return [path for path in fs.ls(root, detail=False) if ".staging-" in path]
+
+
+def test_publish_dir_puts_the_new_folder_in_place_whole_and_leaves_no_staging(base):
+    write_text(f"{base}/dest/old.txt", "old")
+
+    with publish_dir(f"{base}/dest", marker="marker.json") as staging:
+        assert staging != f"{base}/dest" and not _tree(staging)
+        write_text(f"{staging}/a.txt", "a")
+        write_text(f"{staging}/marker.json", "{}")
+
+    assert _tree(f"{base}/dest") == {"a.txt": "a", "marker.json": "{}"}
+    assert _staging_left(base) == []
+
+
+def test_publish_dir_that_raises_in_the_middle_keeps_the_old_folder_and_leaves_no_staging(base):
+    write_text(f"{base}/dest/old.txt", "old")
+
+    with pytest.raises(RuntimeError, match="half way"):
+        with publish_dir(f"{base}/dest", marker="marker.json") as staging:
+            write_text(f"{staging}/a.txt", "a")
+            raise RuntimeError("half way")
+
+    assert _tree(f"{base}/dest") == {"old.txt": "old"}
+    assert _staging_left(base) == []
+
+
+def test_publish_dir_killed_in_the_middle_keeps_the_old_folder(tmp_path):
+    """SIGKILL runs no cleanup: the old folder must still be whole, and the next publish works."""
+    write_text(str(tmp_path / "dest" / "old.txt"), "old")
+    writer = textwrap.dedent(
+        f"""
+        import time
+        from schemas.storage import publish_dir, write_text
+        with publish_dir({str(tmp_path / "dest")!r}, marker="marker.json") as staging:
+            write_text(staging + "/a.txt", "a")
+            print("writing", flush=True)
+            time.sleep(60)
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "writing"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+
+    assert process.returncode == -signal.SIGKILL
+    assert _tree(str(tmp_path / "dest")) == {"old.txt": "old"}
+    with publish_dir(str(tmp_path / "dest")) as staging:
+        write_text(f"{staging}/new.txt", "new")
+    assert _tree(str(tmp_path / "dest")) == {"new.txt": "new"}

@@ -13,24 +13,28 @@
 
 Checkpoints are written by rank 0 into a local temp folder and handed to `ray.train.report`, which
 copies them into the run folder, so a crash mid-write never becomes Ray's "latest". `final/` is
-assembled in a `final.tmp-*` sibling and renamed into place. Every path is a local path or an
+assembled in a staging sibling and published whole (`schemas.storage.publish_dir`). Every path is a local path or an
 fsspec URL (gs://, s3://, ...).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-import uuid
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import fsspec
 import yaml
 
-from schemas.config import join_url
+from schemas.config import Model, join_url
+from schemas.errors import ShowtellError
 from schemas.layout import CONFIG_FILE, FINAL_DIR, OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE
-from schemas.storage import absolute, exists, is_local, read_json, read_text, replace_dir, write_text
+from schemas.storage import absolute, exists, is_local, publish_dir, read_json, read_text, write_text
 from schemas.vocabulary import WORD_COUNTS_FILE
+
+if TYPE_CHECKING:
+    from trainer.model import ShowAndTell
 
 # The columns of history.jsonl, in order (a row may carry more, e.g. grad_norm).
 HISTORY_COLUMNS = ("step", "loss", "perplexity", "learning_rate", "examples_per_sec", "wall_time")
@@ -98,16 +102,16 @@ def fetch_dir(url: str, local_dir: str) -> str:
     return local_dir
 
 
-def build_inference_model(model_cfg, word_counts_text: str):
-    """A ShowAndTell of `model_cfg` (a `schemas.config.Model`) sized for the vocabulary of
-    `word_counts_text`, its encoder built without pretrained weights: a checkpoint's weights go in next."""
+def build_inference_model(model_cfg: Model, word_counts_text: str) -> ShowAndTell:
+    """A ShowAndTell of `model_cfg` sized for the vocabulary of `word_counts_text`, its encoder
+    built without pretrained weights: a checkpoint's weights go in next."""
     from trainer.model import build_model, resolve_vocab_size
 
     model_cfg = model_cfg.model_copy(update={"encoder_weights": "none"})
     return build_model(model_cfg, resolve_vocab_size(model_cfg, word_counts_text))
 
 
-def load_weights(model, checkpoint_url: str) -> None:
+def load_weights(model: ShowAndTell, checkpoint_url: str) -> None:
     """Loads the weights of the checkpoint folder at `checkpoint_url` (a kept
     `checkpoint_NNNNNNNNN/` or a `final/`, any fsspec URL) into a built `model`."""
     import tempfile
@@ -116,20 +120,58 @@ def load_weights(model, checkpoint_url: str) -> None:
         model.load_weights(os.path.join(fetch_dir(checkpoint_url, scratch), WEIGHTS_FILE))
 
 
-def load_checkpoint_model(checkpoint_url: str, model_cfg, word_counts_text: str):
-    """`build_inference_model(model_cfg, word_counts_text)` with the checkpoint's weights loaded."""
-    model = build_inference_model(model_cfg, word_counts_text)
-    load_weights(model, checkpoint_url)
-    return model
+@dataclasses.dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A checkpoint ready for inference."""
+
+    model: ShowAndTell  # built, holding the checkpoint's weights
+    model_cfg: Model  # the config that built it
+    word_counts: str  # the text of its vocabulary's word_counts.txt
 
 
-def load_final_model(final_url: str):
-    """A published `final/` checkpoint as (ShowAndTell with its weights, its Config): all that
-    inference needs, from the config and vocabulary published with it."""
-    from schemas.config import build_config
+class CheckpointLoader:
+    """Loads checkpoints for inference into one built model, rebuilt only when the model config
+    or the vocabulary changes (building and tracing cost far more than loading weights).
 
-    config = build_config(yaml.safe_load(read_text(join_url(final_url, CONFIG_FILE))))
-    return load_checkpoint_model(final_url, config.model, read_text(join_url(final_url, WORD_COUNTS_FILE))), config
+        loader = CheckpointLoader()
+        final = loader.load("runs/x/train/phase2/final")                # config and vocabulary from final/
+        kept = loader.load(".../phase1/checkpoint_000000400", model_cfg, word_counts)   # weights only
+        kept.model is final.model   # True when both have the same model config and vocabulary
+
+    A published `final/` is built from its own config.yaml and word_counts.txt; one of Ray's kept
+    checkpoints holds weights only, so the caller names its model config and vocabulary. The
+    loaded weights must match the fingerprint in the checkpoint's state.json, so a garbled file
+    that still loads is caught too (a ShowtellError); a file that does not load raises what
+    loading raised.
+    """
+
+    def __init__(self) -> None:
+        self._key: Optional[tuple[str, str]] = None  # (model config JSON, word_counts.txt) of the built model
+        self._model: Optional[ShowAndTell] = None  # built for `_key`
+
+    def load(self, url: str, model_cfg: Optional[Model] = None, word_counts: Optional[str] = None) -> LoadedCheckpoint:
+        """The checkpoint folder at `url` (any fsspec URL) loaded; `model_cfg` and `word_counts`
+        only for a kept checkpoint, None for a published final/."""
+        if model_cfg is None:
+            from schemas.config import build_config
+
+            model_cfg = build_config(yaml.safe_load(read_text(join_url(url, CONFIG_FILE)))).model
+            word_counts = read_text(join_url(url, WORD_COUNTS_FILE))
+        state = read_json(join_url(url, STATE_FILE))
+        if not state or "fingerprint" not in state:
+            raise ShowtellError(f"{STATE_FILE} is missing or has no weights fingerprint: an incomplete checkpoint")
+        key = (json.dumps(model_cfg.model_dump(mode="json", exclude={"encoder_weights"}), sort_keys=True), word_counts)
+        if key != self._key:
+            self._key, self._model = None, None
+            self._model, self._key = build_inference_model(model_cfg, word_counts), key
+        try:
+            load_weights(self._model, url)
+        except Exception:
+            self._key, self._model = None, None  # partly loaded: rebuild for the next checkpoint
+            raise
+        if weights_fingerprint(self._model) != state["fingerprint"]:
+            raise ShowtellError(f"the weights in {WEIGHTS_FILE} do not match the fingerprint in {STATE_FILE}")
+        return LoadedCheckpoint(self._model, model_cfg, word_counts)
 
 
 # --- history ----------------------------------------------------------------------------------
@@ -157,27 +199,20 @@ def read_history(url: str) -> list[dict]:
 def publish_final(checkpoint_dir: str, phase_dir: str, config_tree: dict[str, Any], word_counts_url: str) -> str:
     """Publishes a (local) checkpoint folder as `<phase_dir>/final/` with the config and vocabulary.
 
-    Everything is written into `final.tmp-<id>/` first and then renamed over `final/`, so a crash
-    leaves either the old `final/` or the new one, never a mix (on object stores, where a folder
-    "rename" is copy + delete, `state.json` is copied last and marks a complete `final/`).
+    Everything is written into a staging folder first and then published over `final/`
+    (`schemas.storage.publish_dir`), so a crash leaves either the old `final/` or the new one,
+    never a mix (on object stores `state.json` is copied last and marks a complete `final/`).
     Returns the URL of `final/`.
     """
-    run_id = uuid.uuid4().hex[:8]
     final = join_url(phase_dir, FINAL_DIR)
-    staging = join_url(phase_dir, f"{FINAL_DIR}.tmp-{run_id}")
-    fs, staging_path = fsspec.core.url_to_fs(staging)
-    fs.makedirs(staging_path, exist_ok=True)
-    try:
+    with publish_dir(final, marker=STATE_FILE) as staging:
+        fs, staging_path = fsspec.core.url_to_fs(staging)
         fs.put(os.path.join(checkpoint_dir, WEIGHTS_FILE), f"{staging_path}/{WEIGHTS_FILE}")
         write_text(join_url(staging, CONFIG_FILE), yaml.safe_dump(config_tree, sort_keys=False))
         write_text(join_url(staging, WORD_COUNTS_FILE), read_text(word_counts_url))
         state = read_state(checkpoint_dir)
         state.pop("history", None)  # history.jsonl sits next to final/
         write_text(join_url(staging, STATE_FILE), json.dumps(state, indent=1, sort_keys=True) + "\n")
-        replace_dir(staging, final, marker=STATE_FILE)
-    finally:
-        if fs.exists(staging_path):
-            fs.rm(staging_path, recursive=True)
     return final
 
 
