@@ -107,9 +107,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from orchestration.run import format_outcomes, format_results, load_run_config, run_pipeline
+    from orchestration.run import run_pipeline
+    from orchestration.run_text import format_outcomes, format_results
+    from schemas.config import load_dated_config
 
-    config = load_run_config(args.config, args.overrides, args.date)
+    config = load_dated_config(args.config, args.overrides, args.date)
     result = run_pipeline(
         config,
         until=args.until,
@@ -127,9 +129,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from orchestration.run import format_status, load_run_config, step_status
+    from orchestration.run import step_status
+    from orchestration.run_text import format_status
+    from schemas.config import load_dated_config
 
-    config = load_run_config(args.config, args.overrides, args.date)
+    config = load_dated_config(args.config, args.overrides, args.date)
     print(format_status(config, step_status(config)))
     return 0
 

@@ -1,9 +1,9 @@
 """`showtell run` and `showtell status`: the whole pipeline as one resumable command.
 
-    config = load_run_config("configs/local.yaml", overrides, date=None)   # `{date}` filled in
+    config = load_dated_config("configs/local.yaml", overrides, date=None)  # schemas.config: `{date}` filled in
     result = run_pipeline(config, until=None, start=None, force=None, wait=0.0)
-    print(format_outcomes(result))
-    print(format_status(config, step_status(config)))
+    rows = step_status(config)  # what `showtell status` shows
+    # orchestration.run_text turns result and rows into text: format_outcomes, format_status
 
 The steps (`orchestration.steps.STEPS`) run in order under a lock on run_root
 (`orchestration.lock`). Before each step its fingerprint (its config keys, its input files and
@@ -23,15 +23,14 @@ outputs exist. Otherwise it runs, in one of two ways:
 the steps before it up to date as usual; `--from STEP` does the same but requires the steps
 before STEP to be done and up to date already.
 
-Every string value of a config may hold `{date}`: `showtell run` and `showtell status` replace it
-with the UTC date (YYYY-MM-DD) when they start, or with `--date` (to look at, or finish, another
-day's run). Other subcommands do not expand it.
+Every string value of a config may hold `{date}`: `showtell run` and `showtell status` load their
+config with `schemas.config.load_dated_config`, which replaces it with the UTC date (YYYY-MM-DD)
+when they start, or with `--date` (to look at, or finish, another day's run). Other subcommands
+do not expand it.
 """
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
 import logging
 import os
 import socket
@@ -54,60 +53,13 @@ from orchestration.manifest import (
     relative,
     upstream_token,
 )
-from orchestration.promote import HELD_BACK
-from orchestration.steps import STEPS, Step, decision_file, models_root
-from pipelines.report import summarize_report
-from schemas.config import Config, build_config, join_url, load_config
+from orchestration.steps import STEPS, Step
+from schemas.config import Config
 from schemas.errors import ShowtellError
-from schemas.layout import CURRENT_DIR, EVAL_REPORT_FILE
-from schemas.storage import read_json
 
 log = logging.getLogger("showtell.run")
 
-DATE_FIELD = "{date}"
 RAN, SKIPPED = "ran", "skipped"  # what a run did with a step
-
-
-# --- config -------------------------------------------------------------------------------------
-
-
-def load_run_config(path: str, overrides: Sequence[str] = (), date: Optional[str] = None) -> Config:
-    """`load_config` with `{date}` in any string value replaced by the UTC day of `date`
-    (YYYY-MM-DD, or an ISO 8601 time such as a Kubeflow job's creation time,
-    2025-01-31T02:00:07Z; default: today, UTC)."""
-    config = load_config(path, overrides)
-    tree = config.model_dump(mode="json")
-    day = run_day(date)
-    if DATE_FIELD not in json.dumps(tree):
-        return config
-    return build_config(_fill_date(tree, day), origin=str(path))
-
-
-def run_day(date: Optional[str]) -> str:
-    """YYYY-MM-DD (UTC) of `date`: a day, an ISO 8601 time (converted to UTC), or None for today."""
-    if date is None:
-        return datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    try:
-        return datetime.date.fromisoformat(date).isoformat()
-    except ValueError:
-        pass
-    try:
-        moment = datetime.datetime.fromisoformat(date.replace("Z", "+00:00"))  # Python 3.10 reads no "Z"
-    except ValueError:
-        raise ShowtellError(f"--date {date!r}: expected YYYY-MM-DD or an ISO 8601 time, e.g. 2025-01-31") from None
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(datetime.timezone.utc)
-    return moment.date().isoformat()
-
-
-def _fill_date(node: Any, day: str) -> Any:
-    if isinstance(node, str):
-        return node.replace(DATE_FIELD, day)
-    if isinstance(node, dict):
-        return {key: _fill_date(value, day) for key, value in node.items()}
-    if isinstance(node, list):
-        return [_fill_date(value, day) for value in node]
-    return node
 
 
 # --- deciding -----------------------------------------------------------------------------------
@@ -210,7 +162,8 @@ def run_pipeline(
         command="showtell run",
         hint=(
             "; wait for it with --wait SECONDS. If that run is gone, its lock is taken over once its process is "
-            f"seen dead on its host or its heartbeat is {config.run.lock_stale_seconds:.0f} s old (run.lock_stale_seconds)"
+            f"seen dead on its host or its heartbeat is {config.run.lock_stale_seconds:.0f} s old "
+            "(run.lock_stale_seconds)"
         ),
     )
     outcomes: list[StepOutcome] = []
@@ -248,8 +201,8 @@ def _require_done_before(config: Config, steps: Sequence[Step], first: int, mani
         reason = assess(config, steps, index, manifest).reason
         if reason is not None:
             raise ShowtellError(
-                f"--from {steps[first].name}: step {steps[index].name} before it is not done and up to date ({reason}); "
-                f"run without --from, or with --force {steps[first].name}"
+                f"--from {steps[first].name}: step {steps[index].name} before it is not done and up to date "
+                f"({reason}); run without --from, or with --force {steps[first].name}"
             )
 
 
@@ -353,84 +306,6 @@ def step_status(config: Config, steps: Sequence[Step] = STEPS) -> list[StepStatu
         else:
             next_run = "skip"
         outputs = [(url, not missing([url])) for url in step.outputs(config)]
-        rows.append(
-            StepStatus(
-                step.name, state, record.get("start"), record.get("seconds"), match, next_run, outputs, record.get("error")
-            )
-        )
+        start, seconds, error = record.get("start"), record.get("seconds"), record.get("error")
+        rows.append(StepStatus(step.name, state, start, seconds, match, next_run, outputs, error))
     return rows
-
-
-# --- text ---------------------------------------------------------------------------------------
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    return [
-        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (header, *rows)
-    ]
-
-
-def _when(iso: Optional[str]) -> str:
-    """A manifest time as `2025-01-31 02:00:07` (UTC)."""
-    return iso[:19].replace("T", " ") if iso else "-"
-
-
-def _duration(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-def format_outcomes(result: RunResult) -> str:
-    """The end-of-run table: each step's result, duration and why it ran."""
-    rows = [(o.name, o.result, _duration(o.seconds), o.reason) for o in result.outcomes]
-    total = sum(o.seconds or 0.0 for o in result.outcomes)
-    lines = [f"showtell run {result.run_id} ({result.manifest}):"]
-    lines += ["  " + line for line in _table(("step", "result", "duration", "why"), rows)]
-    lines.append(f"  {sum(o.result == RAN for o in result.outcomes)} steps ran in {_duration(total)}")
-    return "\n".join(lines)
-
-
-def format_status(config: Config, rows: Sequence[StepStatus]) -> str:
-    """`showtell status`'s text: the lock, then one row per step, then each step's outputs."""
-    holder = read_owner(config.run_root)
-    if holder is None:
-        lock_line = "free"
-    else:
-        stale = stale_reason(holder, config.run.lock_stale_seconds)
-        lock_line = f"held by {holder.describe()}" + (f"; stale: {stale}" if stale else "")
-    lines = [f"run_root: {config.run_root}", f"lock: {lock_line}"]
-    table = [(r.name, r.state, _when(r.start), _duration(r.seconds), r.fingerprint, r.next_run) for r in rows]
-    lines += _table(("step", "state", "started (UTC)", "duration", "fingerprint", "next run"), table)
-    lines += [f"{r.name} failed: {r.error}" for r in rows if r.state == FAILED]
-    lines.append("outputs:")
-    for row in rows:
-        for url, present in row.outputs:
-            lines.append(f"  {row.name:<13} {url}{'' if present else '  (missing)'}")
-    return "\n".join(lines)
-
-
-def format_results(config: Config, result: RunResult) -> str:
-    """What the run ends with: the evaluation summary and where the promoted model is, for the
-    steps this run reached (run or skipped as up to date)."""
-    reached = {outcome.name for outcome in result.outcomes}
-    lines = []
-    report = read_json(join_url(config.eval_dir, EVAL_REPORT_FILE)) if "evaluate" in reached else None
-    if report is not None:
-        lines.append(summarize_report(report))
-    decision = read_json(decision_file(config)) if "promote" in reached else None
-    if decision is not None:
-        current = join_url(models_root(config), CURRENT_DIR)
-        if decision["current_value"] is None:
-            comparison = "the first model"
-        else:
-            comparison = (
-                f"{decision['metric']} {decision['new_value']:.4f} vs the current model's "
-                f"{decision['current_value']:.4f} - tolerance {decision['tolerance']:g}"
-            )
-        if decision["decision"] == HELD_BACK:
-            lines.append(f"held back: {decision['export']} ({comparison}); the promoted model stays {current}")
-        else:
-            lines.append(f"promoted model: {current} ({comparison})")
-    return "\n".join(lines)

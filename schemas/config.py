@@ -2,15 +2,18 @@
 
 Every field carries a comment saying what it holds. Unknown keys are errors, and every error
 names the dotted key at fault and why, e.g. ``data.shards.train: Input should be greater than 0``.
+`load_dated_config` also fills in `{date}` (the run's day), for `showtell run` and `showtell status`.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from schemas.dates import DATE_FIELD, fill_date, run_day
 from schemas.errors import ShowtellError
 
 # The three files of MSCOCO 2014, relative to a source base URL (REFERENCE.md, "Data").
@@ -327,3 +330,23 @@ def load_config(path: str | os.PathLike, overrides: tuple[str, ...] | list[str] 
     if tree is not None and not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     return build_config(tree or {}, overrides, origin=str(path))
+
+
+def load_dated_config(
+    path: str | os.PathLike, overrides: tuple[str, ...] | list[str] = (), date: Optional[str] = None
+) -> Config:
+    """`load_config`, then `{date}` in every string value (overrides included) replaced by the UTC
+    day of `date` (`schemas.dates.run_day`; default: today). `showtell run` and `showtell status`
+    load their config this way, so that a nightly config names one run_root per day; other
+    subcommands use `load_config` and leave `{date}` as it is.
+
+        # run_root: gs://b/showtell/runs/{date}
+        load_dated_config("nightly.yaml", date="2025-01-31T02:00:07Z").run_root
+        # -> "gs://b/showtell/runs/2025-01-31"
+    """
+    config = load_config(path, overrides)
+    tree = config.model_dump(mode="json")
+    day = run_day(date)
+    if DATE_FIELD not in json.dumps(tree):
+        return config
+    return build_config(fill_date(tree, day), origin=str(path))

@@ -1,4 +1,5 @@
-"""schemas/config.py: YAML loading, `--set` overrides, and errors that name the dotted key."""
+"""schemas/config.py: YAML loading, `--set` overrides, and errors that name the dotted key; and
+`{date}` filled in (schemas/dates.py)."""
 from __future__ import annotations
 
 import re
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.config import ConfigError, build_config, join_url, load_config, parse_override
+from schemas.config import ConfigError, build_config, join_url, load_config, load_dated_config, parse_override
+from schemas.dates import run_day
 from schemas.errors import ShowtellError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -302,9 +304,7 @@ def test_promote_and_run_defaults_and_their_checks():
 
 
 def test_shipped_nightly_config_fills_in_the_date_and_shares_mirror_and_models():
-    from orchestration.run import load_run_config
-
-    config = load_run_config(str(REPO / "configs" / "nightly.yaml"), date="2025-01-31")
+    config = load_dated_config(str(REPO / "configs" / "nightly.yaml"), date="2025-01-31")
 
     assert config.run_root == "gs://YOUR-BUCKET/showtell/runs/2025-01-31"
     assert config.data_dir == "gs://YOUR-BUCKET/showtell/runs/2025-01-31/data"
@@ -312,16 +312,14 @@ def test_shipped_nightly_config_fills_in_the_date_and_shares_mirror_and_models()
     assert config.promote.models_root == "gs://YOUR-BUCKET/showtell/models"
     mscoco = load_config(REPO / "configs" / "mscoco.yaml")
     assert config.model == mscoco.model and config.train == mscoco.train
-    today = load_run_config(str(REPO / "configs" / "nightly.yaml")).run_root
+    today = load_dated_config(str(REPO / "configs" / "nightly.yaml")).run_root
     assert re.fullmatch(r"gs://YOUR-BUCKET/showtell/runs/\d{4}-\d{2}-\d{2}", today)
 
 
 def test_date_fills_every_string_value_and_overrides_too(tmp_path):
-    from orchestration.run import load_run_config
-
     path = _write(tmp_path, "run_root: /runs/{date}\nbeam:\n  options: ['--temp_location=/tmp/{date}']\n")
 
-    config = load_run_config(str(path), ["promote.models_root=/models/{date}"], date="2025-02-01")
+    config = load_dated_config(str(path), ["promote.models_root=/models/{date}"], date="2025-02-01")
 
     assert config.run_root == "/runs/2025-02-01" and config.data.mirror == "/runs/2025-02-01/raw"
     assert config.beam.options == ["--temp_location=/tmp/2025-02-01"]
@@ -333,6 +331,4 @@ def test_date_fills_every_string_value_and_overrides_too(tmp_path):
     [("2025-01-31", "2025-01-31"), ("2025-01-31T02:00:07Z", "2025-01-31"), ("2025-01-31T23:30:00-02:00", "2025-02-01")],
 )
 def test_the_run_day_of_a_date_or_a_kubeflow_job_time_is_its_utc_day(given, day):
-    from orchestration.run import run_day
-
     assert run_day(given) == day

@@ -23,15 +23,8 @@ import yaml
 from orchestration import steps as real_steps
 from orchestration.lock import LOCK_FILE, LockHeldError
 from orchestration.manifest import DONE, FAILED, MANIFEST_FILE, RUNNING, Manifest, config_values
-from orchestration.run import (
-    RAN,
-    SKIPPED,
-    StepFailedError,
-    format_outcomes,
-    format_status,
-    run_pipeline,
-    step_status,
-)
+from orchestration.run import RAN, SKIPPED, StepFailedError, run_pipeline, step_status
+from orchestration.run_text import format_outcomes, format_status
 from orchestration.steps import STEP_NAMES, STEPS, Step
 from schemas.config import build_config
 from schemas.errors import ShowtellError
