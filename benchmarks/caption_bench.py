@@ -70,20 +70,19 @@ class CompiledModel:
 
 def load_model(checkpoint: str | None):
     """(ShowAndTell, start_id, end_id, words or None, description)."""
-    from schemas.config import join_url, load_config
-    from schemas.storage import read_text
-    from schemas.vocabulary import END_WORD, START_WORD, WORD_COUNTS_FILE, parse_word_counts
-    from trainer.checkpoints import load_final_model
+    from schemas.config import load_config
+    from schemas.vocabulary import END_WORD, START_WORD, parse_word_counts
+    from trainer.checkpoints import CheckpointLoader
     from trainer.model import build_model
 
     if checkpoint is None:
         keras.utils.set_random_seed(0)  # the same random weights every run
         model = build_model(load_config(DEMO_CONFIG).model, RANDOM_VOCAB_SIZE)
         return model, RANDOM_START_ID, RANDOM_END_ID, None, f"random weights, {DEMO_CONFIG.relative_to(REPO_ROOT)}"
-    model, _ = load_final_model(checkpoint)
-    vocabulary = parse_word_counts(read_text(join_url(checkpoint, WORD_COUNTS_FILE)))
+    loaded = CheckpointLoader().load(checkpoint)
+    vocabulary = parse_word_counts(loaded.word_counts)
     start_id, end_id = vocabulary.ids([START_WORD, END_WORD])
-    return model, start_id, end_id, vocabulary.words, checkpoint
+    return loaded.model, start_id, end_id, vocabulary.words, checkpoint
 
 
 def load_images(source: str | None, count: int, image_size: int) -> tuple[tf.Tensor, str]:

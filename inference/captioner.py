@@ -1,5 +1,5 @@
 """Captions for encoded images, from a published `final/` checkpoint or an exported SavedModel
-(REFERENCE.md, "Inference").
+(docs/im2txt.md, "Inference").
 
     captioner = load_captioner("runs/local/train/phase2/final")   # or `showtell export`'s folder
     captioner.caption([jpeg_bytes], beam_size=3)
@@ -252,8 +252,8 @@ def load_captioner(path: str) -> Captioner:
 
 
 def _load_final(path: str) -> Captioner:
-    model, _ = ckpt.load_final_model(path)
-    return Captioner.from_model(model, read_text(join_url(path, WORD_COUNTS_FILE)))
+    loaded = ckpt.CheckpointLoader().load(path)
+    return Captioner.from_model(loaded.model, loaded.word_counts)
 
 
 def _load_saved_model(path: str) -> Captioner:
