@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install clean bench
+.PHONY: demo lint test test-fast install clean bench
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/showtell run --config configs/local.yaml
 
-test: $(STAMP)
+# ruff, configured in pyproject.toml: unused and undefined names, import order, bugbear, line length.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
-test-fast: $(STAMP)
+test-fast: lint
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)

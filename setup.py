@@ -27,8 +27,9 @@ setup(
         "pycocoevalcap>=1.2",  # COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr; Java for METEOR and tokenizing)
     ],
     extras_require={
-        # The tests compile a Kubeflow pipeline and serve S3 on 127.0.0.1 (moto) for s3fs.
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "kfp>=2.7", "moto[server]>=5", "s3fs"],
+        # The tests compile a Kubeflow pipeline and serve S3 on 127.0.0.1 (moto) for s3fs; `make test`
+        # lints with ruff first.
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "kfp>=2.7", "moto[server]>=5", "s3fs", "ruff>=0.6"],
         "gcs": ["gcsfs"],
         "s3": ["s3fs"],
         "kfp": ["kfp>=2.7"],  # showtell export-pipeline kfp
