@@ -70,11 +70,6 @@ from trainer import checkpoints as ckpt
 
 log = logging.getLogger("showtell.run")
 
-# File names other modules own, spelled here so that `showtell status` imports neither Beam nor
-# TensorFlow (tests/test_run.py checks they match): pipelines.preprocess.EVAL_REPORT_FILE,
-# trainer.EXPORT_METADATA_FILE and SAVED_MODEL_FILE.
-
-
 # What every training phase's result depends on besides its own section (see the docstring for
 # the ray.* and train.* keys left out).
 TRAIN_KEYS = (
@@ -226,7 +221,9 @@ def _promote(config: Config, progress: bool) -> dict[str, Any]:
     if not exists(join_url(export_dir(config), EXPORT_METADATA_FILE)):
         raise ShowtellError(f"no export at {export_dir(config)}: the export step writes it")
     if models_root(config).rstrip("/") == absolute(config.run_root).rstrip("/"):
-        raise ShowtellError(f"promote.models_root {models_root(config)} is the run_root itself: give it a folder of its own")
+        raise ShowtellError(
+            f"promote.models_root {models_root(config)} is the run_root itself: give it a folder of its own"
+        )
     candidate = Candidate(
         export_dir=absolute(export_dir(config)),
         metrics=find_checkpoint(report, best["checkpoint"])["metrics"],
