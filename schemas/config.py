@@ -148,10 +148,8 @@ class Train(_Strict):
     seed: int = 0  # seeds weight init, shuffling and augmentation
 
     def phase(self, number: int) -> Phase:
-        """`phase1` or `phase2` by number; any other number is a ShowtellError."""
-        if number not in (1, 2):
-            raise ShowtellError(f"--phase must be 1 or 2, not {number}")
-        return self.phase1 if number == 1 else self.phase2
+        """`phase1` or `phase2` by number (1 or 2: the CLI's `--phase` accepts no other)."""
+        return {1: self.phase1, 2: self.phase2}[number]
 
 
 class Ray(_Strict):
