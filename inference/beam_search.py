@@ -1,4 +1,4 @@
-"""Batched beam search for captions, as im2txt's CaptionGenerator (REFERENCE.md, "Inference")
+"""Batched beam search for captions, as im2txt's CaptionGenerator (docs/im2txt.md, "Inference")
 but keeping the best partial captions (im2txt keeps the worst: tensorflow/models issue 6513)
 and searching every image of a batch at once.
 
@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -107,12 +106,15 @@ def beam_search(
     ones score their log_prob. With 0.0 every score is the log-probability.
 
     `model.step` is called once per decoding step, on N * beam_size rows (N = the leading
-    dimension of `model.initial_state(inputs)`), at most max_caption_length + 1 times. ValueError
-    for a beam_size or max_caption_length below 1, a negative or non-finite
-    length_normalization, start/end ids outside the logits (or equal), a state whose tensors
-    disagree on N, or logits of the wrong shape.
+    dimension of `model.initial_state(inputs)`), at most max_caption_length + 1 times.
+
+    The three settings are the user's and are taken as checked where they entered (the `eval`
+    config section, or the `showtell caption` flags that mirror it): beam_size and
+    max_caption_length at least 1, length_normalization finite and at least 0. What is checked
+    here are programming errors, as ValueError (schemas/errors.py): start/end ids outside the
+    logits (or equal), a state whose tensors disagree on N, or logits of the wrong shape.
     """
-    _check_arguments(start_id, end_id, beam_size, max_caption_length, length_normalization)
+    _check_word_ids(start_id, end_id)
     vocab_size = getattr(model, "vocab_size", None)
     if isinstance(vocab_size, int):
         _check_ids(start_id, end_id, vocab_size)
@@ -246,21 +248,13 @@ def _image_captions(beams: _Beams, image: int, length: int) -> list[Caption]:
     ]
 
 
-def _check_arguments(
-    start_id: int, end_id: int, beam_size: int, max_caption_length: int, length_normalization: float
-) -> None:
-    for name, value in (("beam_size", beam_size), ("max_caption_length", max_caption_length)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"beam search: {name} must be an integer >= 1, got {value!r}")
+def _check_word_ids(start_id: int, end_id: int) -> None:
+    """ValueError unless `<S>`'s and `</S>`'s ids are two different word ids (a caller's bug)."""
     for name, value in (("start_id", start_id), ("end_id", end_id)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"beam search: {name} must be a word id (an integer >= 0), got {value!r}")
     if start_id == end_id:
         raise ValueError(f"beam search: start_id and end_id must differ, both are {start_id}")
-    if not (isinstance(length_normalization, numbers.Real) and math.isfinite(length_normalization)):
-        raise ValueError(f"beam search: length_normalization must be a finite number, got {length_normalization!r}")
-    if length_normalization < 0:
-        raise ValueError(f"beam search: length_normalization must be >= 0 (0 = none), got {length_normalization}")
 
 
 def _check_ids(start_id: int, end_id: int, vocab_size: int) -> None:

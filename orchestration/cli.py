@@ -6,12 +6,17 @@ import json
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
-from schemas.config import Eval, load_config
+from pydantic import BaseModel, ValidationError
+
+from schemas.config import ConfigError, Eval, load_config
 from schemas.errors import ShowtellError
 
-log = logging.getLogger("showtell")
+Section = TypeVar("Section", bound=BaseModel)
+
+# `showtell caption`'s flags that mirror `eval` keys: argparse dests, named as the keys.
+CAPTION_SETTINGS = ("beam_size", "max_caption_length", "length_normalization", "batch_size")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +29,25 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set data.shards.train=16 (repeatable)",
     )
+
+
+def _mirrored(section: type[Section], key: str, args: argparse.Namespace, names: Sequence[str]) -> Section:
+    """The flags `names` (argparse dests, named as the fields) as the config section `key` that
+    they mirror, checked by that section's model, once, as a config file's keys are. A bad value
+    is a ConfigError naming the flag and the key:
+
+        _mirrored(Eval, "eval", argparse.Namespace(beam_size=0), ["beam_size"])
+        # ConfigError: --beam-size (eval.beam_size): Input should be greater than 0 (got 0)
+    """
+    try:
+        return section(**{name: getattr(args, name) for name in names})
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            field = ".".join(str(part) for part in item["loc"])
+            flag = "--" + field.replace("_", "-")
+            problems.append(f"{flag} ({key}.{field}): {item['msg']} (got {item['input']!r})")
+        raise ConfigError("; ".join(problems)) from None
 
 
 def _cmd_sample_data(args: argparse.Namespace) -> int:
@@ -73,16 +97,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_caption(args: argparse.Namespace) -> int:
+    settings = _mirrored(Eval, "eval", args, CAPTION_SETTINGS)  # before TensorFlow and the checkpoint load
     from inference.captioner import caption_files, load_captioner
 
     captioner = load_captioner(args.checkpoint)
     results = caption_files(
         captioner,
         args.images,
-        beam_size=args.beam_size,
-        max_caption_length=args.max_caption_length,
-        length_normalization=args.length_normalization,
-        batch_size=args.batch_size,
+        beam_size=settings.beam_size,
+        max_caption_length=settings.max_caption_length,
+        length_normalization=settings.length_normalization,
+        batch_size=settings.batch_size,
     )
     for result in results:
         if "error" in result:
@@ -146,16 +171,13 @@ def _cmd_export_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least(minimum: float, kind: type) -> Callable[[str], float]:
-    """An argparse type: `kind(text)`, an error when below `minimum`."""
-
-    def parse(text: str) -> float:
-        value = kind(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
-        return value
-
-    return parse
+def _seconds(text: str) -> float:
+    """An argparse type for a flag that mirrors no config key: a number of seconds, 0 or more.
+    Flags that mirror a config key are checked by its model instead (`_mirrored`)."""
+    value = float(text)
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"should be greater than or equal to 0 (got {text})")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,31 +203,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="Ray Train: one training phase (1: encoder frozen, 2: fine-tune everything)")
     _add_config_args(train)
-    train.add_argument("--phase", type=int, choices=(1, 2), required=True, help="training phase; 2 starts from 1's final/")
+    train.add_argument(
+        "--phase", type=int, choices=(1, 2), required=True, help="training phase; 2 starts from 1's final/"
+    )
     train.set_defaults(func=_cmd_train)
 
     evaluate = sub.add_parser(
-        "evaluate", help="Beam: every checkpoint -> perplexity, beam-search captions, COCO metrics; <run_root>/eval/ report"
+        "evaluate",
+        help="Beam: every checkpoint -> perplexity, beam-search captions, COCO metrics; <run_root>/eval/ report",
     )
     _add_config_args(evaluate)
     evaluate.set_defaults(func=_cmd_evaluate)
 
-    defaults = Eval()  # im2txt's beam search settings, as `showtell evaluate` uses them
-    positive = _at_least(1, int)
+    # im2txt's beam search settings, as `showtell evaluate` uses them; checked by `_mirrored` as eval.*.
+    defaults = Eval()
     caption = sub.add_parser("caption", help="beam-search captions for image files, as im2txt's run_inference")
     caption.add_argument("--checkpoint", required=True, help="a published final/ folder or a `showtell export` folder")
     caption.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, ... files (paths or fsspec URLs)")
-    caption.add_argument("--beam-size", type=positive, default=defaults.beam_size, help="captions kept per image")
+    caption.add_argument("--beam-size", type=int, default=defaults.beam_size, help="captions kept per image")
     caption.add_argument(
-        "--max-caption-length", type=positive, default=defaults.max_caption_length, help="words per caption at most"
+        "--max-caption-length", type=int, default=defaults.max_caption_length, help="words per caption at most"
     )
     caption.add_argument(
         "--length-normalization",
-        type=_at_least(0, float),
+        type=float,
         default=defaults.length_normalization,
         help="rank finished captions by log p / words**F; 0: off (im2txt)",
     )
-    caption.add_argument("--batch-size", type=positive, default=defaults.batch_size, help="images per model batch")
+    caption.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per model batch")
     caption.add_argument("--json", action="store_true", help="print one JSON document instead of im2txt's text")
     caption.set_defaults(func=_cmd_caption)
 
@@ -214,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="the SavedModel folder to write (local path or fsspec URL); replaced whole")
     export.set_defaults(func=_cmd_export)
 
-    pipeline = sub.add_parser("export-pipeline", help="compile `showtell run` for a scheduler: a Kubeflow Pipelines v2 YAML")
+    pipeline = sub.add_parser(
+        "export-pipeline", help="compile `showtell run` for a scheduler: a Kubeflow Pipelines v2 YAML"
+    )
     pipeline.add_argument("engine", choices=["kfp"], help="the scheduler (kfp: Kubeflow Pipelines v2)")
     pipeline.add_argument("out", help="the pipeline file to write, e.g. showtell.yaml")
     _add_config_args(pipeline)
@@ -235,16 +262,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--wait",
-        type=_at_least(0, float),
+        type=_seconds,
         default=0.0,
         metavar="SECONDS",
         help="wait up to SECONDS for another run holding the run_root lock (default: fail at once, naming it)",
     )
     # Also after the subcommand (`showtell run ... --quiet`, for cron); SUPPRESS keeps `showtell -q run` working.
     run.add_argument(
-        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="log warnings only, print nothing on success"
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log warnings only, print nothing on success",
     )
-    status = sub.add_parser("status", help="each step of `showtell run`: state, start, duration, outputs, current or stale")
+    status = sub.add_parser(
+        "status", help="each step of `showtell run`: state, start, duration, outputs, current or stale"
+    )
     _add_config_args(status)
     for command in (run, status):
         command.add_argument(

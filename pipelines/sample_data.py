@@ -31,8 +31,7 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageDraw
 
-from schemas.config import ANNOTATIONS_ZIP, TRAIN_IMAGES_ZIP, VAL_IMAGES_ZIP
-from schemas.errors import ShowtellError
+from schemas.config import ANNOTATIONS_ZIP, TRAIN_IMAGES_ZIP, VAL_IMAGES_ZIP, SampleData
 
 TRAIN_FOLDER = "train2014"  # folder of the images in train2014.zip, and their file-name infix
 VAL_FOLDER = "val2014"  # the same for val2014.zip
@@ -41,10 +40,8 @@ VAL_CAPTIONS_MEMBER = "annotations/captions_val2014.json"
 
 CAPTIONS_PER_IMAGE = 5  # as most MSCOCO images
 MAX_IMAGE_ID = 600_000  # image ids are drawn from [1, MAX_IMAGE_ID), like MSCOCO's (up to 581,929)
-MAX_ANNOTATION_ID = 1_000_000  # annotation ids are drawn from [1, MAX_ANNOTATION_ID)
-MAX_SAMPLE_IMAGES = MAX_ANNOTATION_ID // (2 * CAPTIONS_PER_IMAGE)  # leaves the id draws sparse
-MIN_IMAGE_SIZE = 32  # smaller images no longer show their shapes
-MAX_IMAGE_SIZE = 1024  # keeps the supersampled drawing canvas (SUPERSAMPLE x) in memory bounds
+# Annotation ids are drawn from [1, MAX_ANNOTATION_ID): at most half of them are taken, so draws stay sparse.
+MAX_ANNOTATION_ID = 2 * CAPTIONS_PER_IMAGE * SampleData.MAX_IMAGES
 
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # every member's timestamp: the zip epoch, for identical bytes
 ZIP_UNIX_MODE = 0o100644  # regular file, rw-r--r--
@@ -306,35 +303,19 @@ def write_mscoco_layout(
         _write_atomically(fs, f"{root.rstrip('/')}/{relative_path}", data)
 
 
-def _validate(train_images: int, val_images: int, seed: int, image_size: int) -> None:
-    for name, count in (("train_images", train_images), ("val_images", val_images)):
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ShowtellError(f"sample data: {name} must be a positive integer, got {count!r}")
-    if train_images + val_images > MAX_SAMPLE_IMAGES:
-        raise ShowtellError(
-            f"sample data: at most {MAX_SAMPLE_IMAGES:,} images in all, got {train_images + val_images:,}"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ShowtellError(f"sample data: seed must be a non-negative integer, got {seed!r}")
-    size_is_int = isinstance(image_size, int) and not isinstance(image_size, bool)
-    if not size_is_int or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
-        raise ShowtellError(
-            f"sample data: image_size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, got {image_size!r}"
-        )
-
-
-def generate_sample_data(
-    out: str, train_images: int = 60, val_images: int = 40, seed: int = 0, image_size: int = 96
-) -> dict[str, Any]:
+def generate_sample_data(out: str, **settings: int) -> dict[str, Any]:
     """Writes a seeded MSCOCO look-alike under `out` (local path or fsspec URL); returns a summary.
 
-    The summary names the three files written and counts the images and captions of each
-    captions file: ``{"out": ..., "files": {...}, "train2014": {"images": 60, "captions": 300},
-    "val2014": {...}}``. Same arguments, byte-identical files.
+    `settings` are `SampleData`'s (train_images, val_images, seed, image_size), its defaults for
+    any left out; a bad one is a ConfigError naming it, and nothing is written. The summary names
+    the three files written and counts the images and captions of each captions file:
+    ``{"out": ..., "files": {...}, "train2014": {"images": 60, "captions": 300}, "val2014": {...}}``.
+    Same settings, byte-identical files.
     """
-    _validate(train_images, val_images, seed, image_size)
-    rng = random.Random(seed)
-    noise_rng = np.random.default_rng(seed)
+    sample = SampleData.checked(**settings)
+    train_images, val_images, image_size = sample.train_images, sample.val_images, sample.image_size
+    rng = random.Random(sample.seed)
+    noise_rng = np.random.default_rng(sample.seed)
     total_images = train_images + val_images
     image_ids = rng.sample(range(1, MAX_IMAGE_ID), total_images)
     annotation_ids = rng.sample(range(1, MAX_ANNOTATION_ID), total_images * CAPTIONS_PER_IMAGE)

@@ -173,7 +173,8 @@ class Eval(_Strict):
     checkpoints: Literal["all", "final"] = "all"
     beam_size: int = Field(3, gt=0)  # beam width (im2txt: 3)
     max_caption_length: int = Field(20, gt=0)  # words per caption at most, </S> not counted (im2txt: 20)
-    length_normalization: float = Field(0.0, ge=0)  # rank finished captions by log p / words**this; 0: off (im2txt)
+    # Rank finished captions by log p / words**this; 0: off (im2txt). Finite: inf would rank nothing.
+    length_normalization: float = Field(0.0, ge=0, allow_inf_nan=False)
     batch_size: int = Field(64, gt=0)  # images per beam-search batch (one model call per step for all beams)
     select_by: Metric = "CIDEr"  # the metric that names best.json (higher is better)
     spice: bool = False  # also SPICE (Java; fetches Stanford CoreNLP on first use, so off by default)

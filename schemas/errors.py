@@ -1,5 +1,23 @@
-"""Errors a user can act on. The CLI prints these as one line and exits non-zero; anything
-else is a bug and keeps its traceback."""
+"""The one error rule of showtell: who made the mistake decides what is raised.
+
+- A user's mistake (a bad config key or flag, a missing or corrupt input, an environment that
+  cannot do the job) raises `ShowtellError` or a subclass, with a message that says what and
+  where. The CLI prints it as one line and exits 2:
+
+      $ showtell caption --checkpoint final --beam-size 0 photo.jpg
+      showtell caption: error: --beam-size (eval.beam_size): Input should be greater than 0 (got 0)
+
+- A programming error (a caller breaking a function's contract, a state that cannot happen)
+  raises anything else, usually ValueError or TypeError, and keeps its traceback: it is a bug
+  to fix, not a message for the user.
+
+User input is checked once, where it enters, and trusted after that: config keys by the config
+model (schemas/config.py, whose errors are `ConfigError`s naming the dotted key), and CLI flags
+that mirror a config key by that same model (e.g. `showtell caption --beam-size` is checked as
+`eval.beam_size`). argparse only parses types, and checks limits only for flags that mirror no
+key (`showtell run --wait`). Code further in (beam search, training, the pipelines) takes its
+settings as validated and does not check them again; its own guards catch programming errors.
+"""
 
 
 class ShowtellError(Exception):

@@ -166,3 +166,23 @@ def test_caption_cli_rejects_a_folder_that_is_no_checkpoint_in_one_line(image_fi
         f"showtell caption: error: {tmp_path}: neither a published final/ checkpoint "
         "(model.weights.h5, config.yaml, word_counts.txt, state.json) nor a SavedModel from `showtell export`"
     ]
+
+
+@pytest.mark.parametrize(
+    "flags, problem",
+    [
+        (["--beam-size", "0"], "--beam-size (eval.beam_size): Input should be greater than 0 (got 0)"),
+        (
+            ["--length-normalization", "inf"],
+            "--length-normalization (eval.length_normalization): Input should be a finite number (got inf)",
+        ),
+    ],
+)
+def test_caption_cli_checks_its_settings_as_the_eval_keys_they_mirror_before_loading_anything(
+    flags, problem, tmp_path, capsys
+):
+    code = cli_main(["-q", "caption", "--checkpoint", str(tmp_path / "missing"), *flags, str(tmp_path / "a.jpg")])
+
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.strip().splitlines() == [f"showtell caption: error: {problem}"]

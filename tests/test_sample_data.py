@@ -28,6 +28,7 @@ from pipelines.sample_data import (
     generate_sample_data,
     write_mscoco_layout,
 )
+from schemas.config import ConfigError, SampleData, build_config
 from schemas.errors import ShowtellError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -244,6 +245,22 @@ def test_invalid_arguments_raise_showtell_error_and_write_nothing(tmp_path: Path
     with pytest.raises(ShowtellError, match="sample data: (train_images|val_images|seed|image_size) must be"):
         generate_sample_data(str(tmp_path / "out"), **arguments)
     assert not (tmp_path / "out").exists()
+
+
+def test_more_images_than_the_generators_ids_allow_are_refused_naming_the_limit(tmp_path: Path) -> None:
+    too_many = {"train_images": SampleData.MAX_IMAGES, "val_images": 1}
+    with pytest.raises(ConfigError, match=r"sample data: at most 100,000 images in all, got 100,001$"):
+        generate_sample_data(str(tmp_path / "out"), **too_many)
+    with pytest.raises(ConfigError, match=r"sample data: seed must be .*; image_size must be .*; tiles: unknown key$"):
+        generate_sample_data(str(tmp_path / "out"), seed=-1, image_size=8, tiles=4)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_files_data_sample_is_held_to_the_same_limits() -> None:
+    with pytest.raises(ConfigError, match=r"data\.sample\.image_size: Input should be less than or equal to 1024"):
+        build_config({"run_root": "r"}, ["data.sample.image_size=4096"])
+    with pytest.raises(ConfigError, match=r"data\.sample: Value error, at most 100,000 images in all"):
+        build_config({"run_root": "r"}, ["data.sample.train_images=99999", "data.sample.val_images=2"])
 
 
 def test_write_mscoco_layout_writes_custom_members_to_any_fsspec_url() -> None:
