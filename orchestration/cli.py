@@ -52,11 +52,11 @@ def _mirrored(section: type[Section], key: str, args: argparse.Namespace, names:
 
 def _cmd_sample_data(args: argparse.Namespace) -> int:
     from pipelines.sample_data import generate_sample_data
+    from schemas.config import SampleData
 
-    summary = generate_sample_data(
-        args.out, train_images=args.train_images, val_images=args.val_images, seed=args.seed, image_size=args.image_size
-    )
-    print(json.dumps(summary, indent=2))
+    # The flags given, named as SampleData's fields: generate_sample_data checks them through it.
+    settings = {name: getattr(args, name) for name in SampleData.model_fields if hasattr(args, name)}
+    print(json.dumps(generate_sample_data(args.out, **settings), indent=2))
     return 0
 
 
@@ -187,10 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample-data", help="write a small MSCOCO look-alike in MSCOCO's download layout")
     sample.add_argument("out", help="output directory (local path or fsspec URL)")
-    sample.add_argument("--train-images", type=int, default=60, help="images in train2014.zip")
-    sample.add_argument("--val-images", type=int, default=40, help="images in val2014.zip")
-    sample.add_argument("--seed", type=int, default=0, help="generator seed; same seed, same bytes")
-    sample.add_argument("--image-size", type=int, default=96, help="image width and height in pixels")
+    # data.sample's keys (SampleData): a flag left out takes the key's default; SampleData checks them.
+    unset = argparse.SUPPRESS
+    sample.add_argument("--train-images", type=int, default=unset, help="images in train2014.zip")
+    sample.add_argument("--val-images", type=int, default=unset, help="images in val2014.zip")
+    sample.add_argument("--seed", type=int, default=unset, help="generator seed; same seed, same bytes")
+    sample.add_argument("--image-size", type=int, default=unset, help="image width and height in pixels")
     sample.set_defaults(func=_cmd_sample_data)
 
     download = sub.add_parser("download", help="mirror MSCOCO's three files from data.source to data.mirror")

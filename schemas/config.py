@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Literal, Optional, get_args
+from typing import Any, ClassVar, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -39,10 +39,59 @@ class Shards(_Strict):
 
 
 class SampleData(_Strict):
-    train_images: int = Field(60, gt=0)  # images in the sample's train2014.zip
-    val_images: int = Field(40, gt=0)  # images in the sample's val2014.zip (split 85/5/10 as MSCOCO's)
-    seed: int = Field(0, ge=0)  # seed of the sample generator: same seed, same bytes
-    image_size: int = Field(96, ge=32)  # width and height of the sample's images, in pixels
+    """What pipelines/sample_data.py generates, for `source: sample` and `showtell sample-data`.
+
+    Every limit on these settings is checked here, from a config file and from the command line
+    alike. Each field's `description` says its limit in words, for `checked`'s messages.
+    """
+
+    MAX_IMAGES: ClassVar[int] = 100_000  # train + val images at most, so the generator's random ids stay sparse
+    MIN_IMAGE_SIZE: ClassVar[int] = 32  # smaller images no longer show their shapes
+    MAX_IMAGE_SIZE: ClassVar[int] = 1024  # keeps the generator's supersampled drawing canvas in memory bounds
+
+    # Images in the sample's train2014.zip.
+    train_images: int = Field(60, gt=0, description="a positive integer")
+    # Images in the sample's val2014.zip (split 85/5/10 as MSCOCO's).
+    val_images: int = Field(40, gt=0, description="a positive integer")
+    # Seed of the sample generator: same seed, same bytes.
+    seed: int = Field(0, ge=0, description="a non-negative integer")
+    # Width and height of the sample's images, in pixels.
+    image_size: int = Field(
+        96,
+        ge=MIN_IMAGE_SIZE,
+        le=MAX_IMAGE_SIZE,
+        description=f"an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}",
+    )
+
+    @model_validator(mode="after")
+    def _not_too_many_images(self) -> "SampleData":
+        total = self.train_images + self.val_images
+        if total > self.MAX_IMAGES:
+            raise ValueError(f"at most {self.MAX_IMAGES:,} images in all, got {total:,}")
+        return self
+
+    @classmethod
+    def checked(cls, **settings: Any) -> "SampleData":
+        """The sample `settings` give (the defaults for any left out); a bad one is a ConfigError
+        that names it, as `generate_sample_data` and `showtell sample-data` report it:
+
+            SampleData.checked(train_images=3, seed=7).val_images  # -> 40
+            SampleData.checked(image_size=8)
+            # ConfigError: sample data: image_size must be an integer from 32 to 1024, got 8
+        """
+        try:
+            return cls(**settings)
+        except ValidationError as error:
+            problems = []
+            for item in error.errors():
+                key = item["loc"][0] if item["loc"] else None
+                if key is None:  # the model's own check: its message says it all
+                    problems.append(str(item["ctx"]["error"]))
+                elif key in cls.model_fields:
+                    problems.append(f"{key} must be {cls.model_fields[key].description}, got {item['input']!r}")
+                else:
+                    problems.append(f"{key}: unknown key")
+            raise ConfigError(f"sample data: {'; '.join(problems)}") from None
 
 
 class Download(_Strict):
