@@ -7,7 +7,8 @@ file never sits at the final path. A dropped connection, a timeout or a 5xx reop
 the current offset (HTTP `Range: bytes=N-`) after an exponential backoff; a 4xx is final. A local
 mirror's `<dest>.partial` left by a killed run is resumed from its size by the next run. After
 verification `<dest>.verified.json` records what was mirrored, so a later run skips the file while
-the source's size and version (ETag, else modification time) still match.
+the source's size and version (ETag, else modification time) still match. Which failures are
+retried, and how, is pipelines/retries.py's policy; `source: sample` is pipelines/sample_data.py's.
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ import binascii
 import hashlib
 import json
 import logging
-import time
+import posixpath
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, BinaryIO, Callable, Iterator, Optional, TypeVar
+from typing import Any, BinaryIO, Iterator, Optional
 
 import aiohttp
 import fsspec
@@ -28,14 +29,17 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
 from tqdm import tqdm
 
+from pipelines.retries import IncompleteRead, SourceNotFoundError, with_retries
+from pipelines.sample_data import ensure_sample_data
 from schemas.config import MSCOCO_FILES, Config, Download, join_url
 from schemas.errors import ShowtellError
+from schemas.storage import exists, read_json_object, remove, write_text
 
 log = logging.getLogger("showtell.download")
 
-T = TypeVar("T")
 _HASHES = ("sha256", "md5")  # computed while streaming; sha256 is recorded, md5 matches stores' MD5s
-_RETRIED_4XX = (408, 429)  # client-error statuses that mean "try again later"
+_PARTIAL = ".partial"  # `<dest>.partial`: the file while it streams in, before it is verified
+_SIDECAR = ".verified.json"  # `<dest>.verified.json`: what was mirrored, from where, at which version
 
 
 @dataclass(frozen=True)
@@ -67,13 +71,9 @@ class _Location:
     path: str
     url: str
 
-
-class SourceNotFoundError(ShowtellError):
-    """The source file does not exist (e.g. HTTP 404): retrying will not help."""
-
-
-class _IncompleteRead(ConnectionError):
-    """The source stream ended before the size the store reported: treated as a dropped connection."""
+    def suffixed(self, suffix: str) -> "_Location":
+        """The file next to this one whose name is this one's plus `suffix` (".partial", ...)."""
+        return _Location(self.fs, self.path + suffix, self.url + suffix)
 
 
 def mirror_dataset(config: Config, progress: bool = False) -> list[MirrorResult]:
@@ -82,9 +82,11 @@ def mirror_dataset(config: Config, progress: bool = False) -> list[MirrorResult]
     `source: sample` generates the sample set into the mirror instead (once per sample setting).
     """
     data = config.data
-    mirror = data.mirror or join_url(config.run_root, "raw")
     if data.source == "sample":
-        return _mirror_sample(config, mirror)
+        action, files = ensure_sample_data(data.mirror, data.sample)
+        return [
+            MirrorResult(relpath, join_url(data.mirror, relpath), action, **files[relpath]) for relpath in MSCOCO_FILES
+        ]
     unknown = sorted(set(data.checksums) - set(MSCOCO_FILES))
     if unknown:
         raise ShowtellError(f"data.checksums: unknown file(s) {unknown}; the files are {list(MSCOCO_FILES)}")
@@ -92,7 +94,7 @@ def mirror_dataset(config: Config, progress: bool = False) -> list[MirrorResult]
     for relpath in MSCOCO_FILES:
         result = mirror_file(
             join_url(data.source, relpath),
-            join_url(mirror, relpath),
+            join_url(data.mirror, relpath),
             data.download,
             expected_checksum=data.checksums.get(relpath),
             progress=progress,
@@ -117,16 +119,16 @@ def mirror_file(
     src = _Location(*url_to_fs(source_url, **_source_options(source_url, settings)), source_url)
     dst = _Location(*url_to_fs(dest_url), dest_url)
     try:
-        info = _with_retries(lambda: _source_info(src), settings, source_url)
+        info = with_retries(lambda: _source_info(src), settings, source_url)
         record = _verified_record(dst, info, expected)
         if record is None:
             return _download(src, dst, info, settings, expected, progress)
     except SourceNotFoundError:
-        _remove(dst.fs, dst.path + ".partial")  # a partial of a file that is gone is worth nothing
+        remove(dst.suffixed(_PARTIAL).url)  # a partial of a file that is gone is worth nothing
         raise
     if not progress:
         log.info("skipped %s: %s already verified (%d bytes)", source_url, dest_url, record["size"])
-    return MirrorResult(_basename(dst.path), dest_url, "skipped", record["size"], record["sha256"])
+    return MirrorResult(posixpath.basename(dst.path), dest_url, "skipped", record["size"], record["sha256"])
 
 
 def _download(
@@ -138,35 +140,35 @@ def _download(
     progress: bool,
 ) -> MirrorResult:
     """Streams the source into `<dest>.partial`, verifies it and moves it to `<dest>`."""
-    partial = dst.path + ".partial"
-    _remove(dst.fs, _sidecar_path(dst.path))
+    partial = dst.suffixed(_PARTIAL)
+    remove(dst.suffixed(_SIDECAR).url)
     dst.fs.makedirs(dst.fs._parent(dst.path), exist_ok=True)
-    with _PartialFile(dst.fs, partial, info.size, settings.chunk_bytes) as sink:
+    with _PartialFile(partial, info.size, settings.chunk_bytes) as sink:
         resumed_from = sink.offset
         bar = tqdm(
             total=info.size,
             initial=sink.offset,
             unit="B",
             unit_scale=True,
-            desc=_basename(dst.path),
+            desc=posixpath.basename(dst.path),
             disable=not progress,
         )
         with bar:
-            _with_retries(
+            with_retries(
                 lambda: _copy_once(src, sink, info.size, settings.chunk_bytes, bar),
                 settings,
                 src.url,
                 position=lambda: sink.offset,
-                kept=partial if sink.resumable else None,
+                kept=partial.path if sink.resumable else None,
             )
         digests, size = sink.digests(), sink.offset
-    _verify(dst.fs, partial, src.url, info, size, digests, expected)
-    dst.fs.mv(partial, dst.path)
+    _verify(partial.url, src.url, info, size, digests, expected)
+    dst.fs.mv(partial.path, dst.path)
     _write_sidecar(dst, src.url, info, size, digests)
     action = "resumed" if resumed_from else "downloaded"
     if not progress:
         log.info("%s %s -> %s (%d bytes, sha256 %s)", action, src.url, dst.url, size, digests["sha256"])
-    return MirrorResult(_basename(dst.path), dst.url, action, size, digests["sha256"])
+    return MirrorResult(posixpath.basename(dst.path), dst.url, action, size, digests["sha256"])
 
 
 class _PartialFile:
@@ -177,16 +179,17 @@ class _PartialFile:
     failed one is removed.
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, size: Optional[int], chunk_bytes: int):
-        self.fs, self.path, self.chunk_bytes = fs, path, chunk_bytes
+    def __init__(self, location: _Location, size: Optional[int], chunk_bytes: int):
+        self.location, self.chunk_bytes = location, chunk_bytes
+        self.fs, self.path = location.fs, location.path
         self.hashes = {name: hashlib.new(name) for name in _HASHES}
         self.offset = 0
-        self.resumable = isinstance(fs, LocalFileSystem)
-        if self.resumable and fs.exists(path) and (size is None or fs.size(path) <= size):
+        self.resumable = isinstance(self.fs, LocalFileSystem)
+        if self.resumable and self.fs.exists(self.path) and (size is None or self.fs.size(self.path) <= size):
             self._hash_existing()
-            self.handle = fs.open(path, "ab")
+            self.handle = self.fs.open(self.path, "ab")
         else:
-            self.handle = fs.open(path, "wb")
+            self.handle = self.fs.open(self.path, "wb")
 
     def _hash_existing(self) -> None:
         with self.fs.open(self.path, "rb") as existing:
@@ -221,7 +224,7 @@ class _PartialFile:
     def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
         self.handle.close()
         if exc_type is not None and not self.resumable:
-            _remove(self.fs, self.path)
+            remove(self.location.url)
 
 
 def _copy_once(src: _Location, sink: _PartialFile, size: Optional[int], chunk_bytes: int, bar: tqdm) -> None:
@@ -237,7 +240,7 @@ def _copy_once(src: _Location, sink: _PartialFile, size: Optional[int], chunk_by
             sink.write(chunk)
             bar.update(len(chunk))
     if size is not None and sink.offset < size:
-        raise _IncompleteRead(f"the stream ended after {sink.offset} of {size} bytes")
+        raise IncompleteRead(f"the stream ended after {sink.offset} of {size} bytes")
 
 
 @contextmanager
@@ -271,103 +274,6 @@ def _response_start(response: aiohttp.ClientResponse, url: str, offset: int) -> 
     if start != offset:
         raise ShowtellError(f"{url}: asked for bytes from {offset}, the server sent them from {start}")
     return start
-
-
-def _with_retries(
-    action: Callable[[], T],
-    settings: Download,
-    url: str,
-    position: Callable[[], int] = lambda: 0,
-    kept: Optional[str] = None,
-) -> T:
-    """Runs `action`, retrying transient failures with exponential backoff.
-
-    Failures count from the last one after which `position()` moved on, so a long download that
-    keeps making progress is not cut short by drops spread over hours.
-    """
-    failures, last_position = 0, position()
-    while True:
-        try:
-            return action()
-        except Exception as error:  # noqa: BLE001 - classified below; non-transient errors re-raise
-            if not _is_transient(error):
-                user_error = _user_error(error, url)
-                if user_error is error:
-                    raise
-                raise user_error from error
-            if position() != last_position:
-                failures, last_position = 0, position()
-            if failures >= settings.retries:
-                note = f"; {kept} is kept for the next run to resume" if kept else ""
-                raise ShowtellError(
-                    f"{url}: giving up after {failures + 1} failed attempt(s) in a row: {_describe(error)}{note}"
-                ) from error
-            delay = settings.backoff_seconds * 2**failures
-            failures += 1
-            resume = f" from byte {position()}" if position() else ""
-            log.warning(
-                "%s: %s; retry %d of %d%s in %.2fs", url, _describe(error), failures, settings.retries, resume, delay
-            )
-            time.sleep(delay)
-
-
-def _chain(error: BaseException) -> Iterator[BaseException]:
-    """`error` and its causes, outermost first."""
-    seen: set[int] = set()
-    current: Optional[BaseException] = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__
-
-
-def _response_error(error: BaseException) -> Optional[aiohttp.ClientResponseError]:
-    """The HTTP error response behind `error` (fsspec wraps some in FileNotFoundError), if there is one."""
-    return next((item for item in _chain(error) if isinstance(item, aiohttp.ClientResponseError)), None)
-
-
-def _http_status(error: BaseException) -> Optional[int]:
-    """The HTTP status behind `error`, if there is one."""
-    response = _response_error(error)
-    return response.status if response is not None else None
-
-
-def _is_transient(error: BaseException) -> bool:
-    """A 5xx, 408, 429, timeout or dropped/refused connection: worth another attempt."""
-    if isinstance(error, ShowtellError):
-        return False
-    status = _http_status(error)
-    if status is not None:
-        return status >= 500 or status in _RETRIED_4XX
-    return any(isinstance(item, (aiohttp.ClientError, TimeoutError, ConnectionError)) for item in _chain(error))
-
-
-def _describe(error: BaseException) -> str:
-    """A short human account of a source failure."""
-    response = _response_error(error)
-    if response is not None:
-        return f"HTTP {response.status} {response.message}".strip()
-    if any(isinstance(item, TimeoutError) for item in _chain(error)):
-        return "timed out waiting for data"
-    # fsspec reports an unreachable HTTP server as FileNotFoundError: describe the cause instead.
-    network = next((item for item in _chain(error) if isinstance(item, (aiohttp.ClientError, ConnectionError))), None)
-    if network is not None:
-        return str(network) or type(network).__name__
-    if isinstance(error, FileNotFoundError):
-        return "not found"
-    return next((str(item) for item in _chain(error) if str(item)), type(error).__name__)
-
-
-def _user_error(error: BaseException, url: str) -> Exception:
-    """A ShowtellError naming `url` for failures a user can act on; other errors unchanged."""
-    if isinstance(error, ShowtellError):
-        return error
-    status = _http_status(error)
-    if status in (404, 410) or (status is None and isinstance(error, FileNotFoundError)):
-        return SourceNotFoundError(f"{url}: {_describe(error)}")
-    if status is not None:
-        return ShowtellError(f"{url}: {_describe(error)}")
-    return error
 
 
 def _source_info(src: _Location) -> _SourceInfo:
@@ -415,8 +321,7 @@ def _parse_checksum(text: Optional[str], url: str) -> Optional[tuple[str, str]]:
 
 
 def _verify(
-    fs: fsspec.AbstractFileSystem,
-    partial: str,
+    partial_url: str,
     url: str,
     info: _SourceInfo,
     size: int,
@@ -432,12 +337,8 @@ def _verify(
     if info.md5 is not None and digests["md5"] != info.md5:
         problems.append(f"md5 mismatch: the store says {info.md5}, got {digests['md5']}")
     if problems:
-        _remove(fs, partial)
+        remove(partial_url)
         raise ShowtellError(f"{url}: {'; '.join(problems)}; nothing was written to the mirror")
-
-
-def _sidecar_path(dst_path: str) -> str:
-    return dst_path + ".verified.json"
 
 
 def _verified_record(
@@ -449,8 +350,8 @@ def _verified_record(
     the source's ETag (else its modification time) is the recorded one, and a configured checksum
     is the recorded digest.
     """
-    record = _read_json(dst.fs, _sidecar_path(dst.path))
-    if record is None or not dst.fs.exists(dst.path):
+    record = read_json_object(dst.suffixed(_SIDECAR).url)
+    if record is None or not exists(dst.url):
         return None
     dest_size = dst.fs.size(dst.path)
     matches = [
@@ -465,66 +366,7 @@ def _verified_record(
 def _write_sidecar(dst: _Location, src_url: str, info: _SourceInfo, size: int, digests: dict[str, str]) -> None:
     """Records a verified file next to it: `<dest>.verified.json`."""
     record = {"size": size, **digests, "source": src_url, "etag": info.etag, "mtime": info.mtime}
-    with dst.fs.open(_sidecar_path(dst.path), "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2)
-
-
-def _mirror_sample(config: Config, mirror: str) -> list[MirrorResult]:
-    """`source: sample`: generates the sample set into the mirror unless the same one is there."""
-    from pipelines.sample_data import generate_sample_data
-
-    settings = config.data.sample.model_dump()
-    fs, root = url_to_fs(mirror)
-    stamp = join_url(root, "sample.json")
-    record = _read_json(fs, stamp)
-    if record is not None and _sample_is_current(fs, root, record, settings):
-        action = "skipped"
-    else:
-        _remove(fs, stamp)  # a stale stamp must not vouch for half-regenerated files
-        generate_sample_data(mirror, **settings)
-        files = {relpath: _hash_file(fs, join_url(root, relpath)) for relpath in MSCOCO_FILES}
-        record = {"settings": settings, "files": files}
-        with fs.open(stamp, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=2)
-        action = "generated"
-    log.info("%s the sample set in %s (%s)", action, mirror, settings)
-    return [
-        MirrorResult(relpath, join_url(mirror, relpath), action, **record["files"][relpath]) for relpath in MSCOCO_FILES
-    ]
-
-
-def _sample_is_current(
-    fs: fsspec.AbstractFileSystem, root: str, record: dict[str, Any], settings: dict[str, Any]
-) -> bool:
-    """Whether the stamp was written for these settings and its three files are there, their sizes unchanged."""
-    if record.get("settings") != settings:
-        return False
-    for relpath in MSCOCO_FILES:
-        path = join_url(root, relpath)
-        entry = record.get("files", {}).get(relpath, {})
-        if not fs.exists(path) or fs.size(path) != entry.get("size"):
-            return False
-    return True
-
-
-def _hash_file(fs: fsspec.AbstractFileSystem, path: str, chunk_bytes: int = 1 << 20) -> dict[str, Any]:
-    """{"size", "sha256"} of a file, read in chunks."""
-    digest, size = hashlib.sha256(), 0
-    with fs.open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": digest.hexdigest()}
-
-
-def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> Optional[dict[str, Any]]:
-    """A JSON file's object, or None if it is missing or unreadable."""
-    try:
-        with fs.open(path, "r", encoding="utf-8") as handle:
-            value = json.load(handle)
-    except (FileNotFoundError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+    write_text(dst.suffixed(_SIDECAR).url, json.dumps(record, indent=2))
 
 
 def _source_options(url: str, settings: Download) -> dict[str, Any]:
@@ -538,13 +380,3 @@ def _source_options(url: str, settings: Download) -> dict[str, Any]:
 
 def _is_http(url: str) -> bool:
     return get_protocol(url) in ("http", "https")
-
-
-def _remove(fs: fsspec.AbstractFileSystem, path: str) -> None:
-    """Deletes `path` if it exists."""
-    if fs.exists(path):
-        fs.rm_file(path)
-
-
-def _basename(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]

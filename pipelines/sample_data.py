@@ -15,12 +15,15 @@ small CNN + LSTM learns it in minutes. Same arguments, byte-identical zips.
     summary["val2014"]  # {'images': 2, 'captions': 10}
 
 `write_mscoco_layout` writes any captions documents and zip members in the same layout, for
-tests and benchmarks that need custom or defective datasets.
+tests and benchmarks that need custom or defective datasets. `ensure_sample_data` is
+`showtell download`'s `source: sample`: it generates the set once per setting, and stamps it.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import math
 import random
 import zipfile
@@ -31,7 +34,10 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageDraw
 
-from schemas.config import ANNOTATIONS_ZIP, TRAIN_IMAGES_ZIP, VAL_IMAGES_ZIP, SampleData
+from schemas.config import ANNOTATIONS_ZIP, MSCOCO_FILES, TRAIN_IMAGES_ZIP, VAL_IMAGES_ZIP, SampleData, join_url
+from schemas.storage import fresh_fs, read_json_object, remove, write_text
+
+log = logging.getLogger("showtell.sample_data")
 
 TRAIN_FOLDER = "train2014"  # folder of the images in train2014.zip, and their file-name infix
 VAL_FOLDER = "val2014"  # the same for val2014.zip
@@ -42,6 +48,7 @@ CAPTIONS_PER_IMAGE = 5  # as most MSCOCO images
 MAX_IMAGE_ID = 600_000  # image ids are drawn from [1, MAX_IMAGE_ID), like MSCOCO's (up to 581,929)
 # Annotation ids are drawn from [1, MAX_ANNOTATION_ID): at most half of them are taken, so draws stay sparse.
 MAX_ANNOTATION_ID = 2 * CAPTIONS_PER_IMAGE * SampleData.MAX_IMAGES
+SAMPLE_STAMP_FILE = "sample.json"  # in the mirror: the settings a sample set was generated with, its files' hashes
 
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # every member's timestamp: the zip epoch, for identical bytes
 ZIP_UNIX_MODE = 0o100644  # regular file, rw-r--r--
@@ -334,3 +341,54 @@ def generate_sample_data(out: str, **settings: int) -> dict[str, Any]:
         TRAIN_FOLDER: {"images": len(train_json["images"]), "captions": len(train_json["annotations"])},
         VAL_FOLDER: {"images": len(val_json["images"]), "captions": len(val_json["annotations"])},
     }
+
+
+# --- `source: sample`: generated once per setting, stamped ---------------------------------------
+
+
+def ensure_sample_data(mirror: str, sample: SampleData) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Generates the sample set into `mirror` unless its stamp says this very set is there.
+
+    Returns what happened, "generated" or "skipped", and the size and SHA-256 of each of
+    MSCOCO's three files, by relative path. The stamp, `<mirror>/sample.json`, records the
+    settings and those hashes; it is removed before generating, so a stale one never vouches for
+    half-regenerated files.
+
+        ensure_sample_data("/tmp/raw", SampleData(seed=3))  # -> ("generated", {"zips/val2014.zip": ...})
+        ensure_sample_data("/tmp/raw", SampleData(seed=3))  # -> ("skipped", the same hashes)
+    """
+    settings = sample.model_dump()
+    stamp = join_url(mirror, SAMPLE_STAMP_FILE)
+    record = read_json_object(stamp)
+    if record is not None and _sample_is_current(mirror, record, settings):
+        action = "skipped"
+    else:
+        remove(stamp)
+        generate_sample_data(mirror, **settings)
+        record = {"settings": settings, "files": {path: _hash_file(join_url(mirror, path)) for path in MSCOCO_FILES}}
+        write_text(stamp, json.dumps(record, indent=2))
+        action = "generated"
+    log.info("%s the sample set in %s (%s)", action, mirror, settings)
+    return action, {path: record["files"][path] for path in MSCOCO_FILES}
+
+
+def _sample_is_current(mirror: str, record: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Whether the stamp was written for these settings and its three files are there, their sizes unchanged."""
+    if record.get("settings") != settings:
+        return False
+    for relpath in MSCOCO_FILES:
+        fs, path = fresh_fs(join_url(mirror, relpath))
+        entry = record.get("files", {}).get(relpath, {})
+        if not fs.exists(path) or fs.size(path) != entry.get("size"):
+            return False
+    return True
+
+
+def _hash_file(url: str, chunk_bytes: int = 1 << 20) -> dict[str, Any]:
+    """{"size", "sha256"} of a file, read in chunks."""
+    digest, size = hashlib.sha256(), 0
+    with fsspec.open(url, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}

@@ -380,7 +380,6 @@ def test_a_run_that_gives_up_keeps_its_partial_for_the_next(tmp_path: Path, data
 
 
 def test_sample_source_is_generated_once_per_setting(tmp_path: Path) -> None:
-    pytest.importorskip("pipelines.sample_data")
     sample = {"train_images": 2, "val_images": 2, "seed": 3, "image_size": 32}
     config = _config(tmp_path, "sample", sample=sample)
 
