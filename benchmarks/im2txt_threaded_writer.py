@@ -20,6 +20,7 @@ both writers produce the same bytes for the same (image, caption, ids).
 
     .venv/bin/python benchmarks/im2txt_threaded_writer.py EXTRACTED_DIR OUTPUT_DIR [--shards 256 4 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,7 +71,9 @@ def load_images(captions_file: str, image_dir: str) -> list[Entry]:
     for annotation in data["annotations"]:
         captions_by_id.setdefault(annotation["image_id"], []).append(annotation["caption"])
     return [
-        Entry(image["id"], os.path.join(image_dir, image["file_name"]), [tokenize(c) for c in captions_by_id[image["id"]]])
+        Entry(
+            image["id"], os.path.join(image_dir, image["file_name"]), [tokenize(c) for c in captions_by_id[image["id"]]]
+        )
         for image in data["images"]
     ]
 
@@ -102,8 +105,14 @@ def encode_record(entry: Entry, vocab: Vocabulary) -> bytes | None:
 
 
 def write_thread_shards(
-    thread_index: int, ranges: list[tuple[int, int]], split: str, entries: list[Entry], vocab: Vocabulary,
-    num_shards: int, output_dir: str, written: list[int],
+    thread_index: int,
+    ranges: list[tuple[int, int]],
+    split: str,
+    entries: list[Entry],
+    vocab: Vocabulary,
+    num_shards: int,
+    output_dir: str,
+    written: list[int],
 ) -> None:
     """Writes shards [t * S, (t + 1) * S) from entries[ranges[t]], S = num_shards / num_threads."""
     shards_per_thread = num_shards // len(ranges)
@@ -119,7 +128,9 @@ def write_thread_shards(
                     written[thread_index] += 1
 
 
-def write_split(split: str, images: list[Entry], vocab: Vocabulary, num_shards: int, output_dir: str, num_threads: int) -> int:
+def write_split(
+    split: str, images: list[Entry], vocab: Vocabulary, num_shards: int, output_dir: str, num_threads: int
+) -> int:
     entries = [Entry(image.image_id, image.filename, [caption]) for image in images for caption in image.captions]
     random.seed(SHUFFLE_SEED)
     random.shuffle(entries)
@@ -128,7 +139,9 @@ def write_split(split: str, images: list[Entry], vocab: Vocabulary, num_shards: 
     ranges = [(int(spacing[i]), int(spacing[i + 1])) for i in range(num_threads)]
     written = [0] * num_threads
     threads = [
-        threading.Thread(target=write_thread_shards, args=(t, ranges, split, entries, vocab, num_shards, output_dir, written))
+        threading.Thread(
+            target=write_thread_shards, args=(t, ranges, split, entries, vocab, num_shards, output_dir, written)
+        )
         for t in range(num_threads)
     ]
     for thread in threads:
@@ -138,7 +151,9 @@ def write_split(split: str, images: list[Entry], vocab: Vocabulary, num_shards: 
     return sum(written)
 
 
-def write_dataset(extracted_dir: str, output_dir: str, shards: Sequence[int] = (256, 4, 8), num_threads: int = 2) -> int:
+def write_dataset(
+    extracted_dir: str, output_dir: str, shards: Sequence[int] = (256, 4, 8), num_threads: int = 2
+) -> int:
     """im2txt's conversion of an extracted MSCOCO folder to shards; returns the records written."""
     for count in shards:
         if count >= num_threads and count % num_threads:

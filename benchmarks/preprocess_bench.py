@@ -17,6 +17,7 @@ the ratio is of the medians.
 Images are cached in --workdir and reused by a rerun with the same --images; the shards both
 writers produce are deleted at the end unless --keep.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -108,7 +109,13 @@ def make_captions(image_id: int) -> list[str]:
     rng = random.Random(image_id)
     captions = []
     for _ in range(CAPTIONS_PER_IMAGE):
-        words = [rng.choice(["A", "a", "The"]), rng.choice(COLOURS), rng.choice(SUBJECTS), rng.choice(ACTIONS), rng.choice(OBJECTS)]
+        words = [
+            rng.choice(["A", "a", "The"]),
+            rng.choice(COLOURS),
+            rng.choice(SUBJECTS),
+            rng.choice(ACTIONS),
+            rng.choice(OBJECTS),
+        ]
         if rng.random() < 0.1:
             words.append(f"with a zq{image_id}x{len(captions)}")
         captions.append(" ".join(words) + rng.choice([".", "", " ."]))
@@ -151,7 +158,9 @@ def write_download_layout(extracted: Path, layout: Path) -> None:
         return json.loads((extracted / "annotations" / f"captions_{folder}.json").read_text())
 
     shutil.rmtree(layout, ignore_errors=True)
-    write_mscoco_layout(str(layout), document("train2014"), document("val2014"), members("train2014"), members("val2014"))
+    write_mscoco_layout(
+        str(layout), document("train2014"), document("val2014"), members("train2014"), members("val2014")
+    )
 
 
 def prepare_images(workdir: Path, count: int) -> Path:
@@ -192,7 +201,10 @@ def write_config(workdir: Path, layout: Path, shards: Sequence[int]) -> Path:
     import yaml
 
     train, val, test = shards
-    config = {"run_root": str(workdir / "run"), "data": {"source": str(layout), "shards": {"train": train, "val": val, "test": test}}}
+    config = {
+        "run_root": str(workdir / "run"),
+        "data": {"source": str(layout), "shards": {"train": train, "val": val, "test": test}},
+    }
     path = workdir / "bench.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -227,7 +239,9 @@ def count_records(path: Path) -> int:
 
 
 def measure_output(output_dir: Path, seconds: float) -> Timing:
-    records = {split: sum(count_records(p) for p in output_dir.glob(f"{split}-*-of-*")) for split in ("train", "val", "test")}
+    records = {
+        split: sum(count_records(p) for p in output_dir.glob(f"{split}-*-of-*")) for split in ("train", "val", "test")
+    }
     output_bytes = sum(p.stat().st_size for p in output_dir.glob("*-of-*"))
     return Timing(seconds, records, output_bytes)
 
@@ -263,19 +277,26 @@ def time_baseline(workdir: Path, extracted: Path, shards: Sequence[int]) -> Timi
 def print_results(rounds: list[dict[str, Timing]]) -> None:
     """Each round's figures, then the medians and the ratio of the medians."""
     names = list(rounds[0])
-    print(f"\n{'':24} {'round':>5} {'records':>8} {'seconds':>8} {'records/s':>10} {'train/val/test':>16} {'output':>9}")
+    print(
+        f"\n{'':24} {'round':>5} {'records':>8} {'seconds':>8} {'records/s':>10} {'train/val/test':>16} {'output':>9}"
+    )
     for number, results in enumerate(rounds, 1):
         for name in names:
             t = results[name]
             splits = "/".join(str(n) for n in t.records.values())
-            print(f"{name:24} {number:5d} {t.total:8d} {t.seconds:8.1f} {t.total / t.seconds:10.1f} {splits:>16} {t.output_bytes / 1e9:7.2f} GB")
+            print(
+                f"{name:24} {number:5d} {t.total:8d} {t.seconds:8.1f} {t.total / t.seconds:10.1f} {splits:>16} "
+                f"{t.output_bytes / 1e9:7.2f} GB"
+            )
     medians = {name: statistics.median(r[name].total / r[name].seconds for r in rounds) for name in names}
     for name, rate in medians.items():
         print(f"median {name:17} {rate:10.1f} records/s over {len(rounds)} round(s)")
     if len(names) == 2:
         pipeline, baseline = names
-        print(f"\nratio pipeline/baseline: {medians[pipeline] / medians[baseline]:.2f}x records/s (medians) "
-              f"on {os.cpu_count()} cores (goal: >= 2x on 2 cores)")
+        print(
+            f"\nratio pipeline/baseline: {medians[pipeline] / medians[baseline]:.2f}x records/s (medians) "
+            f"on {os.cpu_count()} cores (goal: >= 2x on 2 cores)"
+        )
         counts = {name: r[name].records for r in rounds for name in names}
         if counts[pipeline] != counts[baseline]:
             print(f"\n!!! RECORD COUNTS DIFFER: pipeline {counts[pipeline]} vs baseline {counts[baseline]} !!!")

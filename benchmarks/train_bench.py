@@ -14,6 +14,7 @@ Prints figures only (nothing is asserted):
 - --gpu: images/s per GPU for both phases with Inception v3 at 299x299, batch 32, 1 worker
   (im2txt's anchor: 0.7 s a step at batch 32 on a K20, ~46 images/s).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -120,7 +121,11 @@ def step_overrides(steps: int) -> list[str]:
     """`--set` values: each phase trains `steps` steps, reporting (and checkpointing) four times.
     Phase 1's encoder pretraining is off: it comes before the first report and is not timed."""
     every = max(1, steps // 4)
-    per_phase = [f"train.phase{n}.{key}={value}" for n in (1, 2) for key, value in (("steps", steps), ("checkpoint_every", every))]
+    per_phase = [
+        f"train.phase{n}.{key}={value}"
+        for n in (1, 2)
+        for key, value in (("steps", steps), ("checkpoint_every", every))
+    ]
     return [*per_phase, "train.phase1.encoder_pretrain_steps=0"]
 
 
@@ -128,7 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.input_only:
         rate = input_images_per_second(args.input_only, 299, 32, args.input_seconds)
-        print(f"input pipeline: {rate:8.1f} images/s on one core (299x299, training augmentation, 640x480 JPEGs; goal >= 250)")
+        print(
+            f"input pipeline: {rate:8.1f} images/s on one core "
+            "(299x299, training augmentation, 640x480 JPEGs; goal >= 250)"
+        )
         return 0
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="showtell-train-bench-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

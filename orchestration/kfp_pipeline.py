@@ -13,11 +13,12 @@ result caching is turned off for the same reason: whether a step is up to date i
 manifest's call (config keys + input checksums), not KFP's (the same parameter string).
 
 Every step gets the pipeline job's creation time as `--date`, so a `{date}` run_root names one
-folder for the whole job even when it runs past midnight. The pipeline has one parameter, `config`: the URL of the config file the containers read
-(`kfp.config_url`, or the --config path as given). Every path in it must be reachable from the
-cluster (gs://, s3://, ...). Training steps get `kfp.train_accelerator`; every step gets
+folder for the whole job even when it runs past midnight. The pipeline has one parameter, `config`:
+the URL of the config file the containers read (`kfp.config_url`, or the --config path as given).
+Every path in it must be reachable from the cluster (gs://, s3://, ...). Training steps get `kfp.train_accelerator`; every step gets
 `kfp.cpu_limit` / `kfp.memory_limit` when set.
 """
+
 # No `from __future__ import annotations`: KFP reads the component functions' annotations as types.
 import logging
 from typing import Callable
@@ -51,7 +52,10 @@ def build_kfp_pipeline(settings: Kfp, config_url: str) -> Callable:
 
     components = {step: step_component(step, settings.image) for step in STEP_NAMES}
 
-    @dsl.pipeline(name=settings.pipeline_name, description="Show and Tell: data, two training phases, evaluation, export, promotion")
+    @dsl.pipeline(
+        name=settings.pipeline_name,
+        description="Show and Tell: data, two training phases, evaluation, export, promotion",
+    )
     def showtell_pipeline(config: str = config_url):
         previous = None
         for step in STEP_NAMES:
@@ -84,7 +88,9 @@ def compile_kfp_pipeline(config: Config, config_path: str, out: str) -> str:
     config_url = config.kfp.config_url or config_path
     for name, url in (("the config", config_url), ("run_root", config.run_root)):
         if is_local(url):
-            log.warning("%s is a local path (%s): the pipeline's containers will not see it; use a bucket URL", name, url)
+            log.warning(
+                "%s is a local path (%s): the pipeline's containers will not see it; use a bucket URL", name, url
+            )
     pipeline = build_kfp_pipeline(config.kfp, config_url)
     compiler.Compiler().compile(pipeline, out)
     return out

@@ -21,6 +21,7 @@ lock only if it still holds the stale owner. Two runs taking over the same stale
 instant on an object store could both write theirs; the read-back leaves one owner, and the other
 run's heartbeat finds the lock not its own and `check()` stops it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -175,7 +176,9 @@ class FolderLock:
             if left <= 0:
                 raise LockHeldError(f"{self.folder} is locked by {holder.describe()}{self.hint}")
             if not announced:
-                log.info("waiting up to %.0f s for the lock on %s, held by %s", self.wait, self.folder, holder.describe())
+                log.info(
+                    "waiting up to %.0f s for the lock on %s, held by %s", self.wait, self.folder, holder.describe()
+                )
                 announced = True
             time.sleep(min(left, _POLL_SECONDS))
         self._stop.clear()
@@ -238,7 +241,9 @@ class FolderLock:
         try:  # we moved a fresh lock that another run had just taken: put it back
             os.link(aside, path)
         except FileExistsError:
-            log.warning("lock on %s: a third run took it meanwhile; the run that held %s will find it lost", self.folder, aside)
+            log.warning(
+                "lock on %s: a third run took it meanwhile; the run that held %s will find it lost", self.folder, aside
+            )
         os.remove(aside)
 
     # --- holding -----------------------------------------------------------------------------

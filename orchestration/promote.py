@@ -19,6 +19,7 @@ location now, `previous/...` when displaced or `current` when it stays, its run_
 Deciding again on the export that is already current changes nothing: it returns that promotion's
 record (and appends it to history.jsonl if a crash kept it out), so a re-run is harmless.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,18 +81,28 @@ def promote(
             f"promote.metric {metric} is not among the new model's metrics ({', '.join(sorted(candidate.metrics))})"
             + ("; SPICE is scored only with eval.spice: true" if metric == "SPICE" else "")
         )
-    with FolderLock(models_root, stale_after=lock_stale_seconds, wait=2 * lock_stale_seconds, command="showtell promote"):
+    with FolderLock(
+        models_root, stale_after=lock_stale_seconds, wait=2 * lock_stale_seconds, command="showtell promote"
+    ):
         current = current_model(models_root)
         export_signature = signature(candidate.export_dir)
         if current is not None and current.get("export_signature") == export_signature:
-            log.info("promote: %s is already the current model (%s)", candidate.export_dir, join_url(models_root, CURRENT_DIR))
+            log.info(
+                "promote: %s is already the current model (%s)",
+                candidate.export_dir,
+                join_url(models_root, CURRENT_DIR),
+            )
             _append_once(models_root, current["promotion"])
             return current["promotion"]
         record = _decide(candidate, models_root, metric, tolerance, new_value, current)
         if record["decision"] == PROMOTED:
             _install(candidate, models_root, record, current, export_signature)
         _append_once(models_root, record)
-    comparison = "first model" if current is None else f"{new_value:.4f} vs current {record['current_value']:.4f} - {tolerance:g}"
+    comparison = (
+        "first model"
+        if current is None
+        else f"{new_value:.4f} vs current {record['current_value']:.4f} - {tolerance:g}"
+    )
     log.info("promote: %s %s (%s %s)", candidate.export_dir, record["decision"], metric, comparison)
     return record
 
@@ -143,7 +154,11 @@ def _decide(
 
 
 def _install(
-    candidate: Candidate, models_root: str, record: dict[str, Any], current: Optional[dict[str, Any]], export_signature: str
+    candidate: Candidate,
+    models_root: str,
+    record: dict[str, Any],
+    current: Optional[dict[str, Any]],
+    export_signature: str,
 ) -> None:
     """Keeps the current model under previous/, then swaps the candidate in as current/ whole."""
     current_dir = join_url(models_root, CURRENT_DIR)

@@ -1,6 +1,6 @@
 """MSCOCO captions: reading the annotation JSON, im2txt's splits and tokeniser. Pure functions.
 
-Splits (REFERENCE.md): with N images in captions_val2014.json's `images` list,
+Splits (docs/im2txt.md, "Data"): with N images in captions_val2014.json's `images` list,
 
     train = every train2014 image + val[0 : int(0.85 N)]
     val   = val[int(0.85 N) : int(0.90 N)]

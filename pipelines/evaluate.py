@@ -24,6 +24,7 @@ loaded into it) and one METEOR process for all the checkpoints it gets.
 The split is read once for the references (text only, small enough for a side input: MSCOCO's
 test split is ~20,000 captions) and streamed again by each checkpoint for its images.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -241,7 +242,11 @@ def _error_text(error: BaseException) -> str:
 
 
 def evaluate_checkpoint(
-    ref: CheckpointRef, references: dict[int, list[str]], plan: EvalPlan, loader: CheckpointCaptioners, scorer: CocoScorer
+    ref: CheckpointRef,
+    references: dict[int, list[str]],
+    plan: EvalPlan,
+    loader: CheckpointCaptioners,
+    scorer: CocoScorer,
 ) -> dict:
     """One checkpoint's result: status `ok` with perplexity, metrics, blind baseline and captions,
     or `failed` with the error when it does not load."""
@@ -271,9 +276,11 @@ def evaluate_checkpoint(
 
     # One tokenizer run for the references, the captions and the blind caption.
     tokenized = scorer.tokenize(
-        {**{("ref", c["image_id"]): c["references"] for c in captions},
-         **{("cap", c["image_id"]): [c["caption"]] for c in captions},
-         ("blind",): [blind_sentence]}
+        {
+            **{("ref", c["image_id"]): c["references"] for c in captions},
+            **{("cap", c["image_id"]): [c["caption"]] for c in captions},
+            ("blind",): [blind_sentence],
+        }
     )
     image_ids = [c["image_id"] for c in captions]
     tokenized_references = {i: tokenized[("ref", i)] for i in image_ids}
@@ -282,8 +289,15 @@ def evaluate_checkpoint(
     seconds = round(time.time() - started, 1)
     progress.info(
         "evaluate: phase %d %s step %s: perplexity %.3f, %s %.3f (blind %.3f), %d images in %.1f s",
-        ref.phase, ref.kind, ref.step, perplexity, settings["select_by"], metrics.get(settings["select_by"], math.nan),
-        blind_metrics.get(settings["select_by"], math.nan), len(captions), seconds,
+        ref.phase,
+        ref.kind,
+        ref.step,
+        perplexity,
+        settings["select_by"],
+        metrics.get(settings["select_by"], math.nan),
+        blind_metrics.get(settings["select_by"], math.nan),
+        len(captions),
+        seconds,
     )
     return {
         **result,
@@ -379,7 +393,11 @@ def run_evaluate(config: Config) -> dict:
         plan = plan_from_config(config, staging)
         log.info(
             "evaluate: %d checkpoints on the %s split (%s) -> %s on %s",
-            len(plan.checkpoints), plan.split, config.data_dir, config.eval_dir, config.beam.runner,
+            len(plan.checkpoints),
+            plan.split,
+            config.data_dir,
+            config.eval_dir,
+            config.beam.runner,
         )
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         started = time.time()
@@ -392,4 +410,3 @@ def run_evaluate(config: Config) -> dict:
         report_url = join_url(config.eval_dir, EVAL_REPORT_FILE)
         raise ShowtellError(f"no checkpoint could be evaluated (see {report_url}): {failed}")
     return report
-

@@ -20,6 +20,7 @@ Each image is decoded once, by the check (im2txt decodes it once per caption). I
 never go through the shuffle: it carries small PendingRecords, and each shard writer reads the
 checked bytes straight from the zip.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -81,8 +82,12 @@ def plan_from_config(config: Config, output_dir: str, transform_dir: str) -> Pre
     mirror = config.data.mirror
     annotations = join_url(mirror, ANNOTATIONS_ZIP)
     sources = (
-        AnnotationSource(annotations, "annotations/captions_train2014.json", join_url(mirror, TRAIN_IMAGES_ZIP), "train2014", True),
-        AnnotationSource(annotations, "annotations/captions_val2014.json", join_url(mirror, VAL_IMAGES_ZIP), "val2014", False),
+        AnnotationSource(
+            annotations, "annotations/captions_train2014.json", join_url(mirror, TRAIN_IMAGES_ZIP), "train2014", True
+        ),
+        AnnotationSource(
+            annotations, "annotations/captions_val2014.json", join_url(mirror, VAL_IMAGES_ZIP), "val2014", False
+        ),
     )
     shards = config.data.shards
     return PreprocessPlan(
@@ -172,7 +177,9 @@ def to_pending_records(
         key = shuffle_key(seed, image.image_id, caption.annotation_id)
         shard = int.from_bytes(key[:8], "big") % shards[image.split]
         ids = tuple(vocabulary.ids(caption.tokens))
-        record = PendingRecord(key, image.image_id, image.images_zip, image.member, caption.tokens, ids, replacement_jpeg)
+        record = PendingRecord(
+            key, image.image_id, image.images_zip, image.member, caption.tokens, ids, replacement_jpeg
+        )
         yield (image.split, shard), record
 
 
@@ -223,7 +230,8 @@ def build_preprocess_pipeline(pipeline: beam.Pipeline, plan: PreprocessPlan) -> 
     )
     written = (
         checked.kept
-        | "ToRecords" >> beam.FlatMap(to_pending_records, beam.pvalue.AsSingleton(vocabulary), plan.shuffle_seed, shards)
+        | "ToRecords"
+        >> beam.FlatMap(to_pending_records, beam.pvalue.AsSingleton(vocabulary), plan.shuffle_seed, shards)
         | "GroupByShard" >> beam.GroupByKey()
         | "WriteShards" >> beam.FlatMap(write_shard, plan.output_dir, shards)
     )
@@ -395,7 +403,9 @@ def summarize_report(report: dict) -> str:
             f"{entry['captions']['listed']:>10}{entry['records_written']:>9}  {skipped_text}"
         )
     vocab = report["vocabulary"]
-    lines.append(f"  vocabulary: {vocab['words']} words seen >= {vocab['min_word_count']} times; <UNK> id {vocab['unknown_id']}")
+    lines.append(
+        f"  vocabulary: {vocab['words']} words seen >= {vocab['min_word_count']} times; <UNK> id {vocab['unknown_id']}"
+    )
     dropped = {k: v for k, v in report["annotations"].items() if v}
     if dropped:
         lines.append("  dropped before splitting: " + ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())))

@@ -13,6 +13,7 @@ probability and its references. best.json names the best `ok` checkpoint by `sel
 report.html is one self-contained file: inline CSS, inline SVG charts, images as data: URIs, no
 script and nothing fetched, so it opens offline in any browser.
 """
+
 from __future__ import annotations
 
 import base64
@@ -101,8 +102,9 @@ def summarize_report(report: dict, samples: int = 3) -> str:
     """The metrics table, the best checkpoint beside its blind baseline, and `samples` captions."""
     names = _metric_names(report)
     counts = report["counts"]
+    report_json, report_html = (join_url(report["eval_dir"], name) for name in (EVAL_REPORT_FILE, EVAL_HTML_FILE))
     lines = [
-        f"evaluation report ({join_url(report['eval_dir'], EVAL_REPORT_FILE)}, {join_url(report['eval_dir'], EVAL_HTML_FILE)}):",
+        f"evaluation report ({report_json}, {report_html}):",
         f"  {report['split']} split, {report['images']} images; {counts['checkpoints']} checkpoints, "
         f"{counts['ok']} evaluated, {counts['failed']} failed",
         f"  {'phase':<6}{'step':>7}  {'kind':<13}{'perplexity':>11}" + "".join(f"{name:>9}" for name in names),
@@ -123,7 +125,7 @@ def summarize_report(report: dict, samples: int = 3) -> str:
     lines.append(
         f"  best by {select_by}: phase {best['phase']} {best['kind']} step {best['step']} ({best['url']}): "
         f"{select_by} {_number(best['metrics'][select_by])} vs {_number(best['blind']['metrics'][select_by])} "
-        f"for the blind baseline (a blank image: \"{best['blind']['caption']}\")"
+        f'for the blind baseline (a blank image: "{best["blind"]["caption"]}")'
     )
     lines.append("  sample captions (best checkpoint):")
     for caption in best["captions"][:samples]:
@@ -295,7 +297,7 @@ def _samples(report: dict, images: Mapping[int, bytes]) -> str:
                 entry = captions[image_id]
                 lines.append(
                     f'<p class="generated"><b>{html.escape(label)}</b> (phase {c["phase"]} step {c["step"]}): '
-                    f'{html.escape(entry["caption"])} <small>(p={entry["p"]:.4f})</small></p>'
+                    f"{html.escape(entry['caption'])} <small>(p={entry['p']:.4f})</small></p>"
                 )
         if not lines:
             continue
@@ -303,7 +305,7 @@ def _samples(report: dict, images: Mapping[int, bytes]) -> str:
         figures.append(
             f'<figure><img src="{_image_uri(data)}" alt="test image {image_id}">'
             f"<figcaption><div>image {image_id}</div>{''.join(lines)}"
-            f"<div>references:</div><ol class=\"refs\">{''.join(f'<li>{html.escape(r)}</li>' for r in refs)}</ol>"
+            f'<div>references:</div><ol class="refs">{"".join(f"<li>{html.escape(r)}</li>" for r in refs)}</ol>'
             f"</figcaption></figure>"
         )
     blind = best["blind"]
@@ -333,13 +335,13 @@ def report_html(report: dict, images: Mapping[int, bytes]) -> str:
         f"length normalisation {eval_cfg['length_normalization']}"
     )
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>showtell evaluation: {html.escape(report['run_root'])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>showtell evaluation: {html.escape(report["run_root"])}</title>
 <style>{_CSS}</style></head>
 <body>
 <h1>showtell evaluation</h1>
-<p class="meta">run {html.escape(report['run_root'])} &middot; {html.escape(report['split'])} split,
-{report['images']} images &middot; {counts['checkpoints']} checkpoints ({counts['ok']} evaluated,
-{counts['failed']} failed) &middot; {html.escape(settings)} &middot; {html.escape(report['created'])}</p>
+<p class="meta">run {html.escape(report["run_root"])} &middot; {html.escape(report["split"])} split,
+{report["images"]} images &middot; {counts["checkpoints"]} checkpoints ({counts["ok"]} evaluated,
+{counts["failed"]} failed) &middot; {html.escape(settings)} &middot; {html.escape(report["created"])}</p>
 <p><b>{html.escape(best_text)}</b></p>
 <h2>Metrics</h2>
 <p class="meta">COCO caption metrics (pycocoevalcap; 0-1, CIDEr 0-10) against all references of each image;
@@ -350,7 +352,7 @@ scored as every image's caption.</p>
 <div class="charts">
 {_charts(report)}
 </div>
-<h2>Sample {html.escape(report['split'])} images</h2>
+<h2>Sample {html.escape(report["split"])} images</h2>
 {_samples(report, images)}
 </body></html>
 """

@@ -1,6 +1,6 @@
 """im2txt's record format, defined once for the preprocessing writer and the trainer's reader.
 
-One `tf.train.SequenceExample` per (image, caption) pair (REFERENCE.md, "Records"):
+One `tf.train.SequenceExample` per (image, caption) pair (docs/im2txt.md, "Data"):
 
     context:       image/image_id     int64   the MSCOCO image id
                    image/data         bytes   the JPEG bytes (decodable by tf.io.decode_jpeg)

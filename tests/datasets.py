@@ -1,5 +1,6 @@
 """Small MSCOCO-layout datasets for tests: the generated sample, plus every bad input the
 preprocessing issue names, injected into train2014 (so they all belong to the train split)."""
+
 from __future__ import annotations
 
 import io
@@ -46,7 +47,9 @@ class Layout:
         write_mscoco_layout(str(root), self.train_json, self.val_json, self.train_members, self.val_members)
         return root
 
-    def add_train_image(self, image_id: int, data: bytes | None, captions: list[str], file_name: str | None = None) -> None:
+    def add_train_image(
+        self, image_id: int, data: bytes | None, captions: list[str], file_name: str | None = None
+    ) -> None:
         """Lists an image in captions_train2014.json; `data=None` leaves it out of the zip."""
         file_name = file_name or f"COCO_train2014_{image_id:012d}.jpg"
         self.train_json["images"].append({"id": image_id, "file_name": file_name, "width": 96, "height": 96})

@@ -1,4 +1,5 @@
 """pipelines/captions.py: im2txt's splits and tokeniser, safe zip names, and the captions JSON."""
+
 from __future__ import annotations
 
 import collections
@@ -35,7 +36,7 @@ TRAIN = AnnotationSource(
 
 
 def _reference_split(position: int, n: int) -> str:
-    """REFERENCE.md: train = val[0 : int(0.85 N)], val = val[int(0.85 N) : int(0.90 N)], test = the rest."""
+    """docs/im2txt.md, "Data": train = val[0 : int(0.85 N)], val = val[int(0.85 N) : int(0.90 N)], test = the rest."""
     if position < int(0.85 * n):
         return "train"
     if position < int(0.90 * n):
@@ -162,7 +163,10 @@ def test_parse_captions_json_returns_a_valid_document():
         (json.dumps({"images": []}).encode(), "`annotations` is missing or not a list"),
         (json.dumps(_doc(images=["a.jpg"])).encode(), "images[0] is not an object"),
         (json.dumps(_doc(images=[{"file_name": "a.jpg"}])).encode(), "images[0].id is missing or not an integer"),
-        (json.dumps(_doc(images=[{"id": "1", "file_name": "a.jpg"}])).encode(), "images[0].id is missing or not an integer"),
+        (
+            json.dumps(_doc(images=[{"id": "1", "file_name": "a.jpg"}])).encode(),
+            "images[0].id is missing or not an integer",
+        ),
         (
             json.dumps(_doc(images=[{"id": 1, "file_name": "a.jpg"}, {"id": 2}])).encode(),
             "images[1].file_name is missing or not a string",

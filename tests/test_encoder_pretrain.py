@@ -1,4 +1,5 @@
 """trainer/encoder_pretrain.py: the encoder learns to tell images apart by their captions' words."""
+
 from __future__ import annotations
 
 import io
@@ -73,7 +74,9 @@ def test_pretraining_trains_a_frozen_encoder_to_see_the_caption_words(coloured_r
 
     # lr 0.5 (the demo's) sometimes diverged on this tiny model and batch (mean loss 0.31 or 0.36 in
     # 2 of 9 runs); at 0.1 four seeds all ended at 0.080-0.086, a third of the blind best below.
-    final_loss = pretrain_encoder(tf.distribute.get_strategy(), model, batches, steps=80, learning_rate=0.1, vocab_size=VOCAB_SIZE)
+    final_loss = pretrain_encoder(
+        tf.distribute.get_strategy(), model, batches, steps=80, learning_rate=0.1, vocab_size=VOCAB_SIZE
+    )
 
     assert model.encoder.trainable is False
     assert any(not np.array_equal(a, b) for a, b in zip(before, model.encoder.get_weights()))
@@ -88,6 +91,10 @@ def test_a_diverging_pretraining_is_a_clear_error(coloured_records):
     model = build_model(SMALL, VOCAB_SIZE)
     batches = iter(make_dataset(coloured_records, image_size=SMALL.image_size, batch_size=12, training=True))
 
-    with pytest.raises(ShowtellError, match=r"encoder pretraining: loss is (nan|inf) at step \d+ \(learning rate 1e\+30\)"):
-        pretrain_encoder(tf.distribute.get_strategy(), model, batches, steps=50, learning_rate=1e30, vocab_size=VOCAB_SIZE)
+    with pytest.raises(
+        ShowtellError, match=r"encoder pretraining: loss is (nan|inf) at step \d+ \(learning rate 1e\+30\)"
+    ):
+        pretrain_encoder(
+            tf.distribute.get_strategy(), model, batches, steps=50, learning_rate=1e30, vocab_size=VOCAB_SIZE
+        )
     assert model.encoder.trainable is True

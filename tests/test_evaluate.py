@@ -3,6 +3,7 @@ it refuses; and, on the demo's trained run (slow), the whole Beam pipeline: its 
 corrupt checkpoint reported and not fatal, metrics equal to pycocoevalcap's own on the same
 captions, the model beating a blind baseline, no Java left running, and a real browser's
 screenshot of report.html."""
+
 from __future__ import annotations
 
 import contextlib
@@ -86,13 +87,17 @@ def test_lists_checkpoints_at_a_url():
 
 def write_shard(path, examples) -> None:
     with open(path, "wb") as handle:
-        serialized = (records.encode_sequence_example(i, jpeg, tokens, range(len(tokens))) for i, jpeg, tokens in examples)
+        serialized = (
+            records.encode_sequence_example(i, jpeg, tokens, range(len(tokens))) for i, jpeg, tokens in examples
+        )
         write_records(handle, serialized)
 
 
 def test_references_are_raw_tokens_and_images_stream_once_each(tmp_path):
     caption = ["<S>", "a", "red", "circle", ".", "</S>"]
-    write_shard(tmp_path / "test-00000-of-00002", [(7, b"seven", caption), (3, b"three", caption), (7, b"seven", caption)])
+    write_shard(
+        tmp_path / "test-00000-of-00002", [(7, b"seven", caption), (3, b"three", caption), (7, b"seven", caption)]
+    )
     write_shard(tmp_path / "test-00001-of-00002", [(5, b"five", caption), (3, b"three", caption)])
     files = [str(tmp_path / "test-00000-of-00002"), str(tmp_path / "test-00001-of-00002")]
 
@@ -114,7 +119,9 @@ def test_the_blind_image_is_a_uniform_grey_jpeg():
 def test_refuses_spice_unasked_and_a_run_without_data_checkpoints_or_java(tmp_path, monkeypatch):
     config = build_config({"run_root": str(tmp_path)})
     with pytest.raises(ShowtellError, match="eval.select_by is SPICE, which is only computed with eval.spice: true"):
-        plan_from_config(build_config({"run_root": str(tmp_path), "eval": {"select_by": "SPICE"}}), str(tmp_path / "out"))
+        plan_from_config(
+            build_config({"run_root": str(tmp_path), "eval": {"select_by": "SPICE"}}), str(tmp_path / "out")
+        )
     with pytest.raises(ShowtellError, match="no preprocessed data .*run `showtell preprocess` first"):
         plan_from_config(config, str(tmp_path / "out"))
 
@@ -191,7 +198,9 @@ def evaluated(demo_run, tmp_path_factory):
 
 def entry(report: dict, phase: int, kind: str, step: int | None = None) -> dict:
     return next(
-        c for c in report["checkpoints"] if c["phase"] == phase and c["kind"] == kind and (step is None or c["step"] == step)
+        c
+        for c in report["checkpoints"]
+        if c["phase"] == phase and c["kind"] == kind and (step is None or c["step"] == step)
     )
 
 
@@ -209,10 +218,16 @@ def test_writes_report_html_and_best_and_reports_bad_checkpoints(evaluated):
     assert kinds == {(1, FINAL), (2, FINAL), (1, INTERMEDIATE), (2, INTERMEDIATE)}
     failed = {c["step"]: c["error"] for c in report["checkpoints"] if c["status"] == "failed"}
     truncated, swapped = evaluated["truncated_step"], evaluated["swapped_step"]
-    assert set(failed) == {truncated, swapped} and all(c["phase"] == 1 for c in report["checkpoints"] if c["status"] == "failed")
+    assert set(failed) == {truncated, swapped} and all(
+        c["phase"] == 1 for c in report["checkpoints"] if c["status"] == "failed"
+    )
     assert "truncated" in failed[truncated].lower() or "unable to" in failed[truncated].lower(), failed[truncated]
     assert "do not match the fingerprint" in failed[swapped]
-    assert report["counts"] == {"checkpoints": len(evaluated["listed"]), "ok": len(evaluated["listed"]) - 2, "failed": 2}
+    assert report["counts"] == {
+        "checkpoints": len(evaluated["listed"]),
+        "ok": len(evaluated["listed"]) - 2,
+        "failed": 2,
+    }
 
     test_images = {i for i, _ in split_images(records_files(root))}
     for c in report["checkpoints"]:
@@ -228,7 +243,10 @@ def test_writes_report_html_and_best_and_reports_bad_checkpoints(evaluated):
     assert best == report["best"] and best["select_by"] == "CIDEr"
     ok = [c for c in report["checkpoints"] if c["status"] == "ok"]
     assert best["value"] == max(c["metrics"]["CIDEr"] for c in ok)
-    assert entry(report, best["checkpoint"]["phase"], best["checkpoint"]["kind"], best["checkpoint"]["step"])["status"] == "ok"
+    assert (
+        entry(report, best["checkpoint"]["phase"], best["checkpoint"]["kind"], best["checkpoint"]["step"])["status"]
+        == "ok"
+    )
 
     page = (root / "eval" / EVAL_HTML_FILE).read_text()
     assert page.count("<img ") == min(report["eval"]["report_images"], report["images"])
@@ -294,9 +312,19 @@ def test_report_html_renders_in_a_headless_browser(evaluated, tmp_path):
     screenshot = tmp_path / "report.png"
     page = (evaluated["root"] / "eval" / EVAL_HTML_FILE).as_uri()
     subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={screenshot}",
-         "--window-size=1200,1600", page],
-        check=True, capture_output=True, timeout=120,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--screenshot={screenshot}",
+            "--window-size=1200,1600",
+            page,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     image = Image.open(screenshot)
     assert image.format == "PNG" and image.size == (1200, 1600)
@@ -309,8 +337,13 @@ def test_no_loadable_checkpoint_is_an_error_after_the_report_is_written(demo_run
     root = tmp_path / "run"
     root.mkdir()
     (root / "data").symlink_to(demo_run.run_root / "data")
-    make_train_dir(root, {"train/phase1/checkpoint_000000100/model.weights.h5": "garbage",
-                          "train/phase1/checkpoint_000000100/state.json": json.dumps({"step": 100, "fingerprint": "x"})})
+    make_train_dir(
+        root,
+        {
+            "train/phase1/checkpoint_000000100/model.weights.h5": "garbage",
+            "train/phase1/checkpoint_000000100/state.json": json.dumps({"step": 100, "fingerprint": "x"}),
+        },
+    )
     config = load_config(demo_run.config_path, [f"run_root={root}", "beam.direct_running_mode=in_memory"])
     with pytest.raises(ShowtellError, match="no checkpoint could be evaluated .*checkpoint_000000100"):
         run_evaluate(config)

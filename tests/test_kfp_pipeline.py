@@ -1,5 +1,6 @@
 """orchestration/kfp_pipeline.py: `showtell export-pipeline kfp` compiles with the real kfp SDK,
 and the compiled YAML holds one container task per step of `showtell run`, chained in order."""
+
 from __future__ import annotations
 
 import yaml
@@ -41,7 +42,8 @@ def test_every_step_runs_the_cli_in_the_configured_image(tmp_path):
         assert container["image"] == "registry.example/showtell:1.2"
         assert container["command"] == ["showtell"]
         assert container["args"] == [
-            "run", "--config", "{{$.inputs.parameters['config']}}", "--until", step, "--date", "{{$.inputs.parameters['date']}}"
+            "run", "--config", "{{$.inputs.parameters['config']}}",
+            "--until", step, "--date", "{{$.inputs.parameters['date']}}",
         ]  # fmt: skip
     tasks = spec["root"]["dag"]["tasks"]
     for step in STEP_NAMES:  # one day for the whole job: its creation time
@@ -54,12 +56,18 @@ def test_the_config_parameter_defaults_to_config_url_or_the_given_path(tmp_path)
     assert given["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"] == str(tmp_path / "config.yaml")
 
     spec = _compile(tmp_path, "kfp.config_url=gs://bucket/configs/nightly.yaml")
-    assert spec["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"] == "gs://bucket/configs/nightly.yaml"
+    assert (
+        spec["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"] == "gs://bucket/configs/nightly.yaml"
+    )
 
 
 def test_only_training_steps_get_the_accelerator_and_every_step_the_limits(tmp_path):
     spec = _compile(
-        tmp_path, "kfp.train_accelerator=nvidia.com/gpu", "kfp.train_accelerator_count=2", "kfp.memory_limit=32G", "kfp.cpu_limit=8"
+        tmp_path,
+        "kfp.train_accelerator=nvidia.com/gpu",
+        "kfp.train_accelerator_count=2",
+        "kfp.memory_limit=32G",
+        "kfp.cpu_limit=8",
     )
 
     executors = spec["deploymentSpec"]["executors"]

@@ -1,4 +1,5 @@
 """orchestration/manifest.py: config values, file signatures, fingerprints and the manifest file."""
+
 from __future__ import annotations
 
 import json
@@ -149,7 +150,11 @@ def test_a_guard_that_raises_stops_every_save(tmp_path):
 
 def test_only_grown_accepts_growth_of_the_named_leaves_alone():
     def basis(steps: int, rate: float = 2.0, inputs: str = "sha256:1") -> dict:
-        return {"config": {"train.phase1": {"steps": steps, "learning_rate": rate}}, "inputs": {"f": inputs}, "upstream": None}
+        return {
+            "config": {"train.phase1": {"steps": steps, "learning_rate": rate}},
+            "inputs": {"f": inputs},
+            "upstream": None,
+        }
 
     leaves = ["train.phase1.steps"]
     assert mf.only_grown(basis(10), basis(20), leaves)

@@ -3,6 +3,7 @@
 One pipeline run on a sample set seeded with every bad input the issue names is shared by the
 assertions below; a second run checks byte-for-byte determinism.
 """
+
 from __future__ import annotations
 
 import collections
@@ -47,7 +48,9 @@ def preprocessed(dataset, tmp_path_factory):
     report = run_preprocess(_config(dataset.root, run_root, dataset.max_image_pixels))
     data_dir = run_root / "data"
     written = {
-        split: [records.decode_sequence_example(r) for name in records.shard_names(split, n) for r in _read(data_dir / name)]
+        split: [
+            records.decode_sequence_example(r) for name in records.shard_names(split, n) for r in _read(data_dir / name)
+        ]
         for split, n in SHARDS.items()
     }
     return report, data_dir, written

@@ -1,6 +1,7 @@
 """orchestration/promote.py: a new model replaces `current/` only if its metric is at least the
 current one's minus the tolerance; every decision is a line of history.jsonl. Exports here are
 real folders of real files (promotion copies them; it never loads them)."""
+
 from __future__ import annotations
 
 import json
@@ -53,7 +54,9 @@ def test_the_first_model_is_promoted(tmp_path):
     assert record["decision"] == PROMOTED and record["current_value"] is None and record["previous_model"] is None
     assert record["model"] == f"{models}/{CURRENT_DIR}"
     assert _model_in(record["model"]) == "night1"
-    assert (Path(models) / CURRENT_DIR / "variables" / "variables.data-00000-of-00001").read_text() == "weights of night1"
+    assert (
+        Path(models) / CURRENT_DIR / "variables" / "variables.data-00000-of-00001"
+    ).read_text() == "weights of night1"
     model = current_model(models)
     assert model["metrics"]["CIDEr"] == 0.50 and model["run_root"].endswith("night1") and model["eval"] == EVAL
     assert model["promotion"] == record
@@ -140,7 +143,9 @@ def test_a_promotion_whose_history_line_was_lost_gets_it_back_on_the_rerun(tmp_p
 
 
 def test_a_metric_the_new_model_lacks_is_a_clear_error(tmp_path):
-    with pytest.raises(ShowtellError, match=r"promote.metric SPICE is not among the new model's metrics .*eval.spice: true"):
+    with pytest.raises(
+        ShowtellError, match=r"promote.metric SPICE is not among the new model's metrics .*eval.spice: true"
+    ):
         promote(_export(tmp_path, "night1", 0.5), str(tmp_path / "models"), "SPICE", 0.0)
 
 
@@ -173,6 +178,11 @@ def test_a_models_root_on_an_object_store_takes_a_local_export(tmp_path):
 
     fs, root = fsspec.core.url_to_fs(models)
     assert json.loads(fs.cat_file(f"{root}/current/showtell_export.json"))["model"] == "night2"
-    assert json.loads(fs.cat_file(f"{record['previous_model']['location'].split('://', 1)[1]}/showtell_export.json"))["model"] == "night1"
+    assert (
+        json.loads(fs.cat_file(f"{record['previous_model']['location'].split('://', 1)[1]}/showtell_export.json"))[
+            "model"
+        ]
+        == "night1"
+    )
     assert [line["decision"] for line in read_history(models)] == [PROMOTED, PROMOTED]
     assert not fs.exists(f"{root}/.showtell.lock")

@@ -1,5 +1,6 @@
 """schemas/records.py + schemas/tfrecord.py: im2txt's SequenceExample records and TFRecord framing,
 checked against TensorFlow's own reader and writer."""
+
 from __future__ import annotations
 
 import io
@@ -19,7 +20,9 @@ IDS = [1, 4, 11519, 8, 3, 12, 0, 2]
 
 
 def _records(n: int = 3) -> list[bytes]:
-    return [records.encode_sequence_example(100 + i, JPEG + bytes([i]), TOKENS[: 2 + i], IDS[: 2 + i]) for i in range(n)]
+    return [
+        records.encode_sequence_example(100 + i, JPEG + bytes([i]), TOKENS[: 2 + i], IDS[: 2 + i]) for i in range(n)
+    ]
 
 
 def test_encoded_record_round_trips_through_decode():

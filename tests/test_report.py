@@ -1,5 +1,6 @@
 """pipelines/report.py on made-up results: report.json's shape, best.json's choice, report.html's
 structure (browser-free: a real screenshot is in tests/test_evaluate.py), the text summary."""
+
 from __future__ import annotations
 
 import html.parser
@@ -18,8 +19,12 @@ from pipelines.report import (
 from schemas.layout import BEST_FILE, EVAL_HTML_FILE, EVAL_REPORT_FILE
 
 METRIC_NAMES = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
-SUMMARY = {"run_root": "runs/x", "eval_dir": "runs/x/eval", "model": {"encoder": "mobilenet_v3_small"},
-           "eval": {"beam_size": 3, "max_caption_length": 20, "length_normalization": 0.0}}
+SUMMARY = {
+    "run_root": "runs/x",
+    "eval_dir": "runs/x/eval",
+    "model": {"encoder": "mobilenet_v3_small"},
+    "eval": {"beam_size": 3, "max_caption_length": 20, "length_normalization": 0.0},
+}
 
 
 def result(phase, step, kind="intermediate", cider=1.0, status="ok", images=(1, 2, 3, 4)):
@@ -30,8 +35,12 @@ def result(phase, step, kind="intermediate", cider=1.0, status="ok", images=(1, 
         return {**base, "status": "failed", "error": "OSError: Unable to open file (truncated file)"}
     metrics = {name: cider / 4 for name in METRIC_NAMES} | {"CIDEr": cider}
     captions = [
-        {"image_id": i, "caption": f"a caption <b>{i}</b> of step {step}", "p": 0.01 * i,
-         "references": [f"ref {i} one", f"ref {i} two"]}
+        {
+            "image_id": i,
+            "caption": f"a caption <b>{i}</b> of step {step}",
+            "p": 0.01 * i,
+            "references": [f"ref {i} one", f"ref {i} two"],
+        }
         for i in images
     ]
     blind = {"caption": "a blue square", "p": 0.002, "metrics": {name: 0.1 for name in METRIC_NAMES}}
@@ -65,7 +74,11 @@ def test_report_sorts_checkpoints_counts_failures_and_names_the_best():
 
     order = [(c["phase"], c["step"], c["kind"]) for c in report["checkpoints"]]
     assert order == [
-        (1, 100, "intermediate"), (1, 200, "intermediate"), (1, 400, "final"), (2, 200, "intermediate"), (2, 200, "final")
+        (1, 100, "intermediate"),
+        (1, 200, "intermediate"),
+        (1, 400, "final"),
+        (2, 200, "intermediate"),
+        (2, 200, "final"),
     ]
     assert report["counts"] == {"checkpoints": 5, "ok": 4, "failed": 1}
     assert report["images"] == 4 and report["split"] == "test" and report["created"].startswith("2026")

@@ -6,6 +6,7 @@ boto3, and the DirectRunner's worker processes, which inherit the environment; t
 runs in `multi_processing` mode, so shards are written to S3 by other processes than the one
 that publishes them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -120,7 +121,11 @@ def test_run_root_holds_the_mirror_and_the_published_data_and_nothing_else(s3, p
     }
     data = _under(s3, published["data"])
     assert shards | transform | {WORD_COUNTS_FILE, RECORD_SCHEMA_FILE, PREPROCESS_REPORT_FILE} <= data
-    assert {path for path in data if "/" not in path} == shards | {WORD_COUNTS_FILE, RECORD_SCHEMA_FILE, PREPROCESS_REPORT_FILE}
+    assert {path for path in data if "/" not in path} == shards | {
+        WORD_COUNTS_FILE,
+        RECORD_SCHEMA_FILE,
+        PREPROCESS_REPORT_FILE,
+    }
     assert {path.split("/")[0] for path in data if "/" in path} == {"transform_fn", "transformed_metadata"}
     # The mirror, and no staging folder, tf.Transform temp folder or partial download left behind.
     raw = {f"raw/{path}" for path in (*MSCOCO_FILES, "sample.json")}
@@ -173,7 +178,9 @@ def test_transform_graph_copied_from_s3_maps_tokens_to_the_records_ids(published
 def s3_source(s3) -> str:
     """MSCOCO's layout on S3, written by `showtell sample-data`."""
     source = f"s3://{BUCKET}/src"
-    assert cli_main(["-q", "sample-data", source, "--train-images", "4", "--val-images", "2", "--image-size", "48"]) == 0
+    assert (
+        cli_main(["-q", "sample-data", source, "--train-images", "4", "--val-images", "2", "--image-size", "48"]) == 0
+    )
     return source
 
 

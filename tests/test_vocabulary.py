@@ -1,5 +1,7 @@
-"""pipelines/vocabulary.py and schemas/vocabulary.py: tf.Transform's `count word` file, im2txt's `word count` file, and the
-TensorFlow lookup the transform graph uses, which must agree with `Vocabulary.ids`."""
+"""pipelines/vocabulary.py and schemas/vocabulary.py: tf.Transform's `count word` file, im2txt's
+`word count` file, and the TensorFlow lookup the transform graph uses, which must agree with
+`Vocabulary.ids`."""
+
 from __future__ import annotations
 
 import pytest

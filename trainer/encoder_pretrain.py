@@ -10,6 +10,7 @@ then phase 1 proceeds as im2txt's, on that encoder (frozen unless `train_encoder
 
 Only training-split captions are used, through the same input pipeline as phase 1.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,9 +30,9 @@ LOG_EVERY = 100  # pretraining steps between progress lines
 def caption_word_targets(target_seqs: tf.Tensor, mask: tf.Tensor, vocab_size: int) -> tf.Tensor:
     """Multi-hot [B, vocab_size] float32: 1 for each word id among a caption's real target words.
 
-        target_seqs = [[4, 9, 2], [5, 2, 0]]    mask = [[1, 1, 1], [1, 1, 0]]    vocab_size = 10
-        -> [[0, 0, 1, 0, 1, 0, 0, 0, 0, 1],       (words 2, 4 and 9)
-            [0, 0, 1, 0, 0, 1, 0, 0, 0, 0]]       (words 2 and 5; the padding 0 is not a word)
+    target_seqs = [[4, 9, 2], [5, 2, 0]]    mask = [[1, 1, 1], [1, 1, 0]]    vocab_size = 10
+    -> [[0, 0, 1, 0, 1, 0, 0, 0, 0, 1],       (words 2, 4 and 9)
+        [0, 0, 1, 0, 0, 1, 0, 0, 0, 0]]       (words 2 and 5; the padding 0 is not a word)
     """
     present = tf.one_hot(target_seqs, vocab_size) * tf.cast(mask, tf.float32)[..., tf.newaxis]
     return tf.reduce_max(present, axis=1)
@@ -86,7 +87,9 @@ def pretrain_encoder(
                 )
             recent.append(loss)
             if log_progress and (step % LOG_EVERY == 0 or step == steps):
-                log.info("encoder pretraining: step %d/%d, caption-word loss %.4f", step, steps, sum(recent) / len(recent))
+                log.info(
+                    "encoder pretraining: step %d/%d, caption-word loss %.4f", step, steps, sum(recent) / len(recent)
+                )
     finally:
         model.encoder.trainable = was_trainable
     return sum(recent) / len(recent)

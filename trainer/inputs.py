@@ -8,10 +8,11 @@
     # target_seqs             int64   [32, T]   input_seqs shifted left by one word
     # mask                    int32   [32, T]   1 for each real word, 0 for padding
 
-Images are processed as im2txt's `process_image` (REFERENCE.md, "Model"): resized to a square
+Images are processed as im2txt's `process_image` (docs/im2txt.md, "Model"): resized to a square
 346/299 times the model's size, then a random crop, flip and colour distortion when training,
 the central crop when not.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -202,7 +203,11 @@ def make_dataset(
     def to_example(serialized: tf.Tensor):
         _, jpeg, caption_ids = parse_sequence_example(serialized)
         input_seq, target_seq, mask = caption_to_sequences(caption_ids)
-        return {"images": preprocess_image(jpeg, image_size, training, random_flip), "input_seqs": input_seq}, target_seq, mask
+        return (
+            {"images": preprocess_image(jpeg, image_size, training, random_flip), "input_seqs": input_seq},
+            target_seq,
+            mask,
+        )
 
     examples = records.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
     batches = examples.padded_batch(batch_size, drop_remainder=training)

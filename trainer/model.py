@@ -1,5 +1,5 @@
 """Show and Tell in Keras 3: an ImageNet encoder, an image embedding, one LSTM and a word
-classifier, as im2txt (REFERENCE.md, "Model").
+classifier, as im2txt (docs/im2txt.md, "Model").
 
     model = build_model(config.model, vocab_size=resolve_vocab_size(config.model, word_counts_text))
     logits = model({"images": images, "input_seqs": input_seqs}, training=True)   # [B, T, vocab]

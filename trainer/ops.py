@@ -1,9 +1,10 @@
 """The small TensorFlow ops of im2txt's training: sequences from a caption, the masked loss,
-perplexity, the learning-rate schedule and gradient clipping (REFERENCE.md, "Model").
+perplexity, the learning-rate schedule and gradient clipping (docs/im2txt.md, "Model").
 
 Pure functions of tensors and config, with no model in sight, so the training loop, the
 evaluation and the tests share one definition of each.
 """
+
 from __future__ import annotations
 
 import keras
@@ -88,7 +89,10 @@ class PhaseSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def get_config(self) -> dict:
         # The base Phase's fields only: phase 1's extra keys (encoder pretraining) are not the schedule's.
-        return {"phase": self.phase.model_dump(include=set(Phase.model_fields)), "steps_per_epoch": self.steps_per_epoch}
+        return {
+            "phase": self.phase.model_dump(include=set(Phase.model_fields)),
+            "steps_per_epoch": self.steps_per_epoch,
+        }
 
     @classmethod
     def from_config(cls, config: dict) -> "PhaseSchedule":
@@ -102,4 +106,3 @@ def clip_by_global_norm(grads: list, clip_norm: float) -> tuple[list, tf.Tensor]
     A None gradient (a frozen or unused variable) stays None and counts for nothing.
     """
     return tf.clip_by_global_norm(grads, clip_norm)
-
