@@ -1,6 +1,6 @@
 """A small MSCOCO 2014 look-alike, written in MSCOCO's exact download layout.
 
-Tests and the demo read it with the same code as the real data (REFERENCE.md, "Data"):
+Tests and the demo read it with the same code as the real data (docs/im2txt.md, "Data"):
 
     OUT/annotations/annotations_trainval2014.zip   annotations/captions_{train,val}2014.json
     OUT/zips/train2014.zip                         train2014/COCO_train2014_%012d.jpg

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from schemas.dates import DATE_FIELD, fill_date, run_day
 from schemas.errors import ShowtellError
 
-# The three files of MSCOCO 2014, relative to a source base URL (REFERENCE.md, "Data").
+# The three files of MSCOCO 2014, relative to a source base URL (docs/im2txt.md, "Data").
 ANNOTATIONS_ZIP = "annotations/annotations_trainval2014.zip"
 TRAIN_IMAGES_ZIP = "zips/train2014.zip"
 VAL_IMAGES_ZIP = "zips/val2014.zip"
@@ -128,7 +128,7 @@ class Beam(_Strict):
 
 
 class Model(_Strict):
-    """Show and Tell as im2txt (REFERENCE.md, "Model")."""
+    """Show and Tell as im2txt (docs/im2txt.md, "Model")."""
 
     # Image encoder from keras.applications: im2txt's Inception v3, or a small one for CPU demos.
     encoder: Literal["inception_v3", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"] = "inception_v3"
@@ -215,7 +215,7 @@ METRICS: tuple[str, ...] = get_args(Metric)
 
 
 class Eval(_Strict):
-    """The batch evaluation of every collected checkpoint (REFERENCE.md, "Inference")."""
+    """The batch evaluation of every collected checkpoint (docs/im2txt.md, "Inference")."""
 
     split: Literal["train", "val", "test"] = "test"  # the split whose images are captioned and scored
     # `all`: both phases' final/ and every checkpoint Ray kept; `final`: the two final/ only.
