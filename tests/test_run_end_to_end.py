@@ -113,7 +113,9 @@ def killed_and_resumed(tmp_path_factory) -> KilledAndResumed:
         refused = subprocess.run(_cli(config), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
 
         def has_checkpoint() -> bool:
-            return (checkpoints / "history.jsonl").exists() and any(checkpoints.glob("checkpoint_0*"))
+            # history.jsonl starts empty and gets a row once the checkpoint holding it is committed.
+            history = checkpoints / "history.jsonl"
+            return any(checkpoints.glob("checkpoint_0*")) and history.exists() and bool(history.read_text().strip())
 
         _wait_for(has_checkpoint, 300, "a phase 1 checkpoint", first, log)
         history_at_kill = _history_steps(root, 1)
