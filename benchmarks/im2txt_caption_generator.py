@@ -119,7 +119,7 @@ class CaptionGenerator:
 
             for i, partial_caption in enumerate(partial_captions_list):
                 word_probabilities = softmax[i]
-                state = tf.nest.map_structure(lambda rows: rows[i], new_states)
+                state = tf.nest.map_structure(lambda rows, i=i: rows[i], new_states)
                 for w in self._most_likely_words(word_probabilities):
                     p = word_probabilities[w]
                     if p < MIN_PROBABILITY:

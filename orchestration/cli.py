@@ -70,7 +70,8 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
-    from pipelines.preprocess import run_preprocess, summarize_report
+    from pipelines.preprocess import run_preprocess
+    from pipelines.preprocess_report import summarize_report
 
     config = load_config(args.config, args.overrides)
     report = run_preprocess(config)
@@ -88,8 +89,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipelines.eval_report import summarize_report
     from pipelines.evaluate import run_evaluate
-    from pipelines.report import summarize_report
 
     config = load_config(args.config, args.overrides)
     print(summarize_report(run_evaluate(config)))

@@ -15,8 +15,8 @@ manifest's call (config keys + input checksums), not KFP's (the same parameter s
 Every step gets the pipeline job's creation time as `--date`, so a `{date}` run_root names one
 folder for the whole job even when it runs past midnight. The pipeline has one parameter, `config`:
 the URL of the config file the containers read (`kfp.config_url`, or the --config path as given).
-Every path in it must be reachable from the cluster (gs://, s3://, ...). Training steps get `kfp.train_accelerator`; every step gets
-`kfp.cpu_limit` / `kfp.memory_limit` when set.
+Every path in it must be reachable from the cluster (gs://, s3://, ...). Training steps get
+`kfp.train_accelerator`; every step gets `kfp.cpu_limit` / `kfp.memory_limit` when set.
 """
 
 # No `from __future__ import annotations`: KFP reads the component functions' annotations as types.

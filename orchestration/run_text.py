@@ -21,7 +21,7 @@ from orchestration.manifest import FAILED
 from orchestration.promote import HELD_BACK
 from orchestration.run import RAN, RunResult, StepStatus
 from orchestration.steps import decision_file, models_root
-from pipelines.report import summarize_report
+from pipelines.eval_report import summarize_report
 from schemas.config import Config, join_url
 from schemas.layout import CURRENT_DIR, EVAL_REPORT_FILE
 from schemas.storage import read_json

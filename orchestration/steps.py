@@ -48,7 +48,7 @@ import tempfile
 from typing import Any, Callable, Optional
 
 from orchestration.promote import Candidate, promote
-from pipelines.report import find_checkpoint
+from pipelines.eval_report import find_checkpoint
 from schemas.config import MSCOCO_FILES, Config, join_url
 from schemas.errors import ShowtellError
 from schemas.layout import (

@@ -44,7 +44,7 @@ import fsspec
 
 from pipelines.beam_options import pipeline_options
 from pipelines.coco_metrics import CocoScorer, check_java
-from pipelines.report import build_report, checkpoint_order, write_report
+from pipelines.eval_report import build_report, checkpoint_order, write_report
 from schemas import records
 from schemas.config import Config, join_url
 from schemas.errors import ShowtellError

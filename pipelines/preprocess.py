@@ -48,6 +48,7 @@ from pipelines.captions import (
     read_captions_file,
     tokenized,
 )
+from pipelines.preprocess_report import build_report
 from pipelines.vocabulary import AnalyzeVocabulary
 from pipelines.zips import member_names, read_member
 from schemas import records
@@ -262,59 +263,6 @@ def _check_inputs(plan: PreprocessPlan) -> dict[str, int]:
     return {"annotations/unsafe_zip_members_ignored": unsafe}
 
 
-def _nest(flat: dict[str, int]) -> dict:
-    """{"train/images/skipped/empty_file": 1} -> {"train": {"images": {"skipped": {"empty_file": 1}}}}."""
-    tree: dict = {}
-    for key, value in sorted(flat.items()):
-        *path, leaf = key.split("/")
-        node = tree
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
-def build_report(tallies: dict[str, int], plan: PreprocessPlan, vocabulary: Vocabulary, seconds: float) -> dict:
-    """The preprocess report; raises if any split's counts don't add up (listed = written + skipped)."""
-    nested = _nest(tallies)
-    splits = {}
-    for split, num_shards in plan.shards:
-        counts = nested.get(split, {})
-        images, captions = counts.get("images", {}), counts.get("captions", {})
-        written_records = counts.get("records", {}).get("written", 0)
-        entry = {
-            "shards": num_shards,
-            "images": {
-                "listed": images.get("listed", 0),
-                "written": images.get("written", 0),
-                "skipped": images.get("skipped", {}),
-                "reencoded": images.get("reencoded", {}),
-            },
-            "captions": {
-                "listed": captions.get("listed", 0),
-                "written": written_records,
-                "skipped": captions.get("skipped", {}),
-            },
-            "records_written": written_records,
-        }
-        for unit in ("images", "captions"):
-            part = entry[unit]
-            if part["listed"] != part["written"] + sum(part["skipped"].values()):
-                raise RuntimeError(f"preprocess report does not add up for {split} {unit}: {part}")
-        splits[split] = entry
-    return {
-        "splits": splits,
-        "vocabulary": {
-            "words": len(vocabulary.words),
-            "unknown_id": vocabulary.unknown_id,
-            "min_word_count": plan.min_word_count,
-        },
-        "annotations": nested.get("annotations", {}),
-        "records_written": sum(s["records_written"] for s in splits.values()),
-        "seconds": round(seconds, 1),
-    }
-
-
 def _complete_shard_set(plan: PreprocessPlan) -> None:
     """Every shard file exists, even when no record hashed into it (an empty TFRecord file)."""
     fs, root = fresh_fs(plan.output_dir)
@@ -383,31 +331,9 @@ def run_preprocess(config: Config) -> dict:
         tallies = {**json.loads(read_text(join_url(staging, COUNTS_FILE))), **extra_tallies}
         remove(join_url(staging, COUNTS_FILE))
         vocabulary = parse_word_counts(read_text(join_url(staging, WORD_COUNTS_FILE)))
-        report = build_report(tallies, plan, vocabulary, time.time() - started)
+        report = build_report(tallies, plan.shards, plan.min_word_count, vocabulary, time.time() - started)
         report["output_dir"] = config.data_dir
         write_text(join_url(staging, RECORD_SCHEMA_FILE), records.record_schema_text())
         write_text(join_url(staging, PREPROCESS_REPORT_FILE), json.dumps(report, indent=2, sort_keys=True) + "\n")
     log.info("preprocess: %d records in %.1f s", report["records_written"], report["seconds"])
     return report
-
-
-def summarize_report(report: dict) -> str:
-    """A few lines a person reads: per split, images and captions listed/written/skipped."""
-    lines = [f"preprocess report ({report['output_dir']}/{PREPROCESS_REPORT_FILE}):"]
-    lines.append(f"  {'split':<6}{'shards':>7}{'images':>9}{'written':>9}{'captions':>10}{'records':>9}  skipped")
-    for split, entry in report["splits"].items():
-        skipped = {**entry["images"]["skipped"]}
-        skipped_text = ", ".join(f"{reason}={n}" for reason, n in sorted(skipped.items())) or "-"
-        lines.append(
-            f"  {split:<6}{entry['shards']:>7}{entry['images']['listed']:>9}{entry['images']['written']:>9}"
-            f"{entry['captions']['listed']:>10}{entry['records_written']:>9}  {skipped_text}"
-        )
-    vocab = report["vocabulary"]
-    lines.append(
-        f"  vocabulary: {vocab['words']} words seen >= {vocab['min_word_count']} times; <UNK> id {vocab['unknown_id']}"
-    )
-    dropped = {k: v for k, v in report["annotations"].items() if v}
-    if dropped:
-        lines.append("  dropped before splitting: " + ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())))
-    lines.append(f"  {report['records_written']} records in {report['seconds']} s")
-    return "\n".join(lines)

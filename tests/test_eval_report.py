@@ -1,4 +1,4 @@
-"""pipelines/report.py on made-up results: report.json's shape, best.json's choice, report.html's
+"""pipelines/eval_report.py on made-up results: report.json's shape, best.json's choice, report.html's
 structure (browser-free: a real screenshot is in tests/test_evaluate.py), the text summary."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import io
 import json
 import re
 
-from pipelines.report import (
+from pipelines.eval_report import (
     build_report,
     line_chart,
     report_html,

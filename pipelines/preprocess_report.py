@@ -1,0 +1,103 @@
+"""The preprocess report, `data/preprocess_report.json`: what preprocessing wrote and skipped.
+
+The pipeline tallies each event under a path-like key (`train/images/skipped/empty_file`); the
+runner folds the tallies into the report, which says per split how many images and captions were
+listed, written and skipped (by reason), and checks that they add up. For example:
+
+    {"splits": {"train": {"shards": 8,
+                          "images": {"listed": 334, "written": 333, "skipped": {"empty_file": 1},
+                                     "reencoded": {}},
+                          "captions": {"listed": 1670, "written": 1665, "skipped": {"empty_file": 5}},
+                          "records_written": 1665}, "val": ..., "test": ...},
+     "vocabulary": {"words": 41, "unknown_id": 41, "min_word_count": 4},
+     "annotations": {"orphan_annotations": 0, ...}, "records_written": 2415, "seconds": 27.3}
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from schemas.layout import PREPROCESS_REPORT_FILE
+from schemas.vocabulary import Vocabulary
+
+
+def _nest(flat: dict[str, int]) -> dict:
+    """{"train/images/skipped/empty_file": 1} -> {"train": {"images": {"skipped": {"empty_file": 1}}}}."""
+    tree: dict = {}
+    for key, value in sorted(flat.items()):
+        *path, leaf = key.split("/")
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def build_report(
+    tallies: dict[str, int],
+    shards: Sequence[tuple[str, int]],
+    min_word_count: int,
+    vocabulary: Vocabulary,
+    seconds: float,
+) -> dict:
+    """The report from the pipeline's tallies, for the splits and shard counts of `shards`, e.g.
+    (("train", 256), ("val", 4), ("test", 8)); raises if any split's counts don't add up
+    (listed = written + skipped): a tally lost on the way would otherwise go unnoticed."""
+    nested = _nest(tallies)
+    splits = {}
+    for split, num_shards in shards:
+        counts = nested.get(split, {})
+        images, captions = counts.get("images", {}), counts.get("captions", {})
+        written_records = counts.get("records", {}).get("written", 0)
+        entry = {
+            "shards": num_shards,
+            "images": {
+                "listed": images.get("listed", 0),
+                "written": images.get("written", 0),
+                "skipped": images.get("skipped", {}),
+                "reencoded": images.get("reencoded", {}),
+            },
+            "captions": {
+                "listed": captions.get("listed", 0),
+                "written": written_records,
+                "skipped": captions.get("skipped", {}),
+            },
+            "records_written": written_records,
+        }
+        for unit in ("images", "captions"):
+            part = entry[unit]
+            if part["listed"] != part["written"] + sum(part["skipped"].values()):
+                raise RuntimeError(f"preprocess report does not add up for {split} {unit}: {part}")
+        splits[split] = entry
+    return {
+        "splits": splits,
+        "vocabulary": {
+            "words": len(vocabulary.words),
+            "unknown_id": vocabulary.unknown_id,
+            "min_word_count": min_word_count,
+        },
+        "annotations": nested.get("annotations", {}),
+        "records_written": sum(s["records_written"] for s in splits.values()),
+        "seconds": round(seconds, 1),
+    }
+
+
+def summarize_report(report: dict) -> str:
+    """A few lines a person reads: per split, images and captions listed/written/skipped."""
+    lines = [f"preprocess report ({report['output_dir']}/{PREPROCESS_REPORT_FILE}):"]
+    lines.append(f"  {'split':<6}{'shards':>7}{'images':>9}{'written':>9}{'captions':>10}{'records':>9}  skipped")
+    for split, entry in report["splits"].items():
+        skipped = {**entry["images"]["skipped"]}
+        skipped_text = ", ".join(f"{reason}={n}" for reason, n in sorted(skipped.items())) or "-"
+        lines.append(
+            f"  {split:<6}{entry['shards']:>7}{entry['images']['listed']:>9}{entry['images']['written']:>9}"
+            f"{entry['captions']['listed']:>10}{entry['records_written']:>9}  {skipped_text}"
+        )
+    vocab = report["vocabulary"]
+    lines.append(
+        f"  vocabulary: {vocab['words']} words seen >= {vocab['min_word_count']} times; <UNK> id {vocab['unknown_id']}"
+    )
+    dropped = {k: v for k, v in report["annotations"].items() if v}
+    if dropped:
+        lines.append("  dropped before splitting: " + ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())))
+    lines.append(f"  {report['records_written']} records in {report['seconds']} s")
+    return "\n".join(lines)
