@@ -10,7 +10,7 @@ from typing import Callable, Sequence, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from schemas.config import ConfigError, Eval, load_config
+from schemas.config import ConfigError, Eval, describe_errors, load_config
 from schemas.errors import ShowtellError
 
 Section = TypeVar("Section", bound=BaseModel)
@@ -39,15 +39,14 @@ def _mirrored(section: type[Section], key: str, args: argparse.Namespace, names:
         _mirrored(Eval, "eval", argparse.Namespace(beam_size=0), ["beam_size"])
         # ConfigError: --beam-size (eval.beam_size): Input should be greater than 0 (got 0)
     """
+
+    def flag_and_key(field: str) -> str:
+        return f"--{field.replace('_', '-')} ({key}.{field})"
+
     try:
         return section(**{name: getattr(args, name) for name in names})
     except ValidationError as error:
-        problems = []
-        for item in error.errors():
-            field = ".".join(str(part) for part in item["loc"])
-            flag = "--" + field.replace("_", "-")
-            problems.append(f"{flag} ({key}.{field}): {item['msg']} (got {item['input']!r})")
-        raise ConfigError("; ".join(problems)) from None
+        raise ConfigError(describe_errors(error, name=flag_and_key)) from None
 
 
 def _cmd_sample_data(args: argparse.Namespace) -> int:

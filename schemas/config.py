@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, ClassVar, Literal, Optional, get_args
+from typing import Any, Callable, ClassVar, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -82,16 +82,7 @@ class SampleData(_Strict):
         try:
             return cls(**settings)
         except ValidationError as error:
-            problems = []
-            for item in error.errors():
-                key = item["loc"][0] if item["loc"] else None
-                if key is None:  # the model's own check: its message says it all
-                    problems.append(str(item["ctx"]["error"]))
-                elif key in cls.model_fields:
-                    problems.append(f"{key} must be {cls.model_fields[key].description}, got {item['input']!r}")
-                else:
-                    problems.append(f"{key}: unknown key")
-            raise ConfigError(f"sample data: {'; '.join(problems)}") from None
+            raise ConfigError(f"sample data: {describe_errors(error, cls)}") from None
 
 
 class Download(_Strict):
@@ -337,17 +328,32 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _describe(error: ValidationError) -> str:
-    lines = []
+def describe_errors(
+    error: ValidationError, model: Optional[type[BaseModel]] = None, name: Callable[[str], str] = lambda key: key
+) -> str:
+    """pydantic's errors as one line, each problem naming its dotted key as `name(key)` says (a
+    config key, or the CLI flag that mirrors it). A field of `model` whose `description` states
+    its limit in words is reported in those words. Every ConfigError about values is worded here:
+
+        describe_errors(error)                       # data.shards.train: Input should be greater than 0 (got 0)
+        describe_errors(error, SampleData)           # image_size must be an integer from 32 to 1024, got 8
+        describe_errors(error, name=lambda key: f"--{key} (eval.{key})")  # --beam_size (eval.beam_size): ...
+    """
+    problems = []
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key")
+        key = ".".join(str(part) for part in item["loc"])
+        field = model.model_fields.get(key) if model is not None else None
+        if not key and "error" in item.get("ctx", {}):  # the model's own check: its message says it all
+            problems.append(str(item["ctx"]["error"]))
+        elif item["type"] == "extra_forbidden":
+            problems.append(f"{name(key)}: unknown key")
         elif item["type"] == "missing":
-            lines.append(f"{key}: required key is missing")
+            problems.append(f"{name(key)}: required key is missing")
+        elif field is not None and field.description:
+            problems.append(f"{name(key)} must be {field.description}, got {item.get('input')!r}")
         else:
-            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
-    return "; ".join(lines)
+            problems.append(f"{name(key) if key else '(top level)'}: {item['msg']} (got {item.get('input')!r})")
+    return "; ".join(problems)
 
 
 def build_config(tree: dict[str, Any], overrides: tuple[str, ...] | list[str] = (), origin: str = "config") -> Config:
@@ -359,7 +365,7 @@ def build_config(tree: dict[str, Any], overrides: tuple[str, ...] | list[str] = 
     try:
         return Config.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(f"{origin}: {_describe(error)}") from None
+        raise ConfigError(f"{origin}: {describe_errors(error)}") from None
 
 
 def load_config(path: str | os.PathLike, overrides: tuple[str, ...] | list[str] = ()) -> Config:
