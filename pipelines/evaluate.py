@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import io
 import itertools
 import logging
 import math
@@ -37,21 +36,20 @@ import re
 import sys
 import time
 import uuid
-from typing import Iterable, Iterator, Optional
+from typing import Iterator, Optional
 
 import apache_beam as beam
 import fsspec
 
 from pipelines.beam_options import pipeline_options
 from pipelines.coco_metrics import CocoScorer, check_java
+from pipelines.eval_inputs import blank_jpeg, reference_of, split_images
 from pipelines.eval_report import build_report, checkpoint_order, write_report
-from schemas import records
 from schemas.config import Config, join_url
 from schemas.errors import ShowtellError
 from schemas.layout import EVAL_REPORT_FILE, FINAL_DIR, PREPROCESS_REPORT_FILE, STATE_FILE
 from schemas.storage import publish_dir, read_json, read_text
-from schemas.tfrecord import read_records
-from schemas.vocabulary import END_WORD, START_WORD, WORD_COUNTS_FILE
+from schemas.vocabulary import WORD_COUNTS_FILE
 from trainer import checkpoints as ckpt
 
 log = logging.getLogger("showtell.evaluate")
@@ -62,7 +60,6 @@ progress = logging.getLogger("showtell.evaluate.progress")
 
 FINAL, INTERMEDIATE = "final", "intermediate"  # the two kinds of checkpoint
 CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)$")  # Ray's kept checkpoints, named by step
-BLANK_GREY = 128  # the blind baseline's image: every pixel this grey
 SUMMARY_MODEL_KEYS = {"encoder", "image_size", "embedding_size", "num_lstm_units"}  # config.model in report.json
 
 
@@ -157,42 +154,6 @@ def plan_from_config(config: Config, output_dir: str) -> EvalPlan:
         },
         output_dir=output_dir,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the split
-
-
-def reference_of(serialized: bytes) -> tuple[int, str]:
-    """One record -> (image id, its raw caption: the tokens without `<S>`/`</S>`, joined by spaces)."""
-    record = records.decode_sequence_example(serialized)
-    tokens = [t for t in record["tokens"] if t not in (START_WORD, END_WORD)]
-    return record["image_id"], " ".join(tokens)
-
-
-def split_images(files: Iterable[str], limit: Optional[int] = None) -> Iterator[tuple[int, bytes]]:
-    """The split's distinct images, (image id, JPEG bytes), in record order (files in the order
-    given), streamed: the first `limit` of them, or all."""
-    seen: set[int] = set()
-    for url in files:
-        with fsspec.open(url, "rb") as handle:
-            for serialized in read_records(handle):
-                record = records.decode_sequence_example(serialized)
-                if record["image_id"] in seen:
-                    continue
-                seen.add(record["image_id"])
-                yield record["image_id"], record["jpeg"]
-                if limit is not None and len(seen) >= limit:
-                    return
-
-
-def blank_jpeg(size: int) -> bytes:
-    """A uniform grey JPEG, `size` pixels square: the blind baseline's input."""
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.new("RGB", (size, size), (BLANK_GREY,) * 3).save(out, format="JPEG")
-    return out.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,17 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.evaluate import (
-    FINAL,
-    INTERMEDIATE,
-    CheckpointRef,
-    blank_jpeg,
-    list_checkpoints,
-    plan_from_config,
-    reference_of,
-    run_evaluate,
-    split_images,
-)
+from pipelines.eval_inputs import blank_jpeg, reference_of, split_images
+from pipelines.evaluate import FINAL, INTERMEDIATE, CheckpointRef, list_checkpoints, plan_from_config, run_evaluate
 from schemas import records
 from schemas.config import METRICS, build_config, load_config
 from schemas.errors import ShowtellError
