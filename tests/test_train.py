@@ -9,16 +9,19 @@ phases (`two_phases`), to keep the file near 3-4 minutes on a 2-core machine.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
 
 from orchestration.cli import main as cli_main
 from trainer import checkpoints as ckpt
-from trainer.train_loop import KILL_AFTER_CHECKPOINT_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -140,6 +143,103 @@ def test_a_nan_loss_stops_the_phase_naming_the_step_and_publishes_nothing(tmp_pa
     assert not ray.is_initialized()  # the CLI's own local cluster was shut down
 
 
+# --- killing a training worker from outside, as an operator or the OOM killer would ---------------
+
+RAY_TRAIN_WORKER_TITLE = b"ray::RayTrainWorker"  # the process title Ray gives each Ray Train worker
+CHECKPOINT_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train v2's record of its commits
+WAIT_LIMIT_S = 600.0  # the longest the killer waits for the commit (TensorFlow's start is slow here)
+
+
+class WorkerKiller:
+    """While its `with` block trains a phase, SIGKILLs rank 1 once, as soon as Ray Train has committed
+    `checkpoint` and before it commits the next one: the phase must resume from `checkpoint`.
+
+    Ray Train v2 commits a report when its controller polls the workers (every 2 s) and rewrites
+    `checkpoint_manager_snapshot.json` then. A poll takes one report per worker (a worker's result
+    queue holds one), so the next checkpoint's commit is at least one poll later, however fast the
+    steps in between are, and the kill lands within it. On leaving the block it fails, saying why,
+    if it killed nothing.
+    """
+
+    def __init__(self, phase_dir: Path, checkpoint: str):
+        self.phase_dir, self.checkpoint = phase_dir, checkpoint
+        self.killed_pid: Optional[int] = None
+        self._error = "the killer is still waiting"
+        self._training_done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="worker-killer", daemon=True)
+
+    def __enter__(self) -> "WorkerKiller":
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self._training_done.set()
+        self._thread.join(timeout=30)
+        if exc_type is None:
+            assert self.killed_pid is not None, f"no training worker was killed: {self._error}"
+
+    def _run(self) -> None:
+        try:
+            self.killed_pid = self._kill_rank1_once_committed()
+        except Exception as error:  # reported by __exit__, on the test's thread
+            self._error = str(error)
+
+    def _kill_rank1_once_committed(self) -> int:
+        deadline = time.monotonic() + WAIT_LIMIT_S
+        while (latest := _latest_committed(self.phase_dir)) != self.checkpoint:
+            if latest is not None and latest > self.checkpoint:
+                raise RuntimeError(f"Ray had committed {latest} before the killer saw {self.checkpoint}")
+            if self._training_done.is_set():
+                raise RuntimeError(f"the phase ended before Ray committed {self.checkpoint}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Ray did not commit {self.checkpoint} within {WAIT_LIMIT_S:.0f} s")
+            time.sleep(0.02)
+        workers = _training_workers()
+        others = workers - _tensorboard_writer_pids(self.phase_dir)  # rank 0 writes TensorBoard's events
+        if len(others) != 1:
+            raise RuntimeError(f"expected one training worker besides rank 0, found {sorted(others)} of {workers}")
+        pid = others.pop()
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+
+def _latest_committed(phase_dir: Path) -> Optional[str]:
+    """The folder name of the latest checkpoint Ray Train has committed for the phase, if any."""
+    try:
+        snapshot = json.loads((phase_dir / CHECKPOINT_SNAPSHOT_FILE).read_text())
+    except (OSError, ValueError):  # not written yet, or being rewritten
+        return None
+    return (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+
+
+def _training_workers() -> set[int]:
+    """Pids of this test's Ray Train workers: processes titled `ray::RayTrainWorker` that descend from
+    this process (ray.init started the raylet as its child, and the raylet starts the workers).
+    Other Ray clusters on the machine are not this test's to kill."""
+    parents, titles = {}, {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path("/proc", entry, "stat").read_text()
+            titles[int(entry)] = Path("/proc", entry, "cmdline").read_bytes()
+        except OSError:  # the process exited meanwhile
+            continue
+        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])  # `pid (name) state ppid ...`
+
+    def descends_from_here(pid: int) -> bool:
+        while pid in parents and pid != os.getpid():
+            pid = parents[pid]
+        return pid == os.getpid()
+
+    workers = {pid for pid, title in titles.items() if title.startswith(RAY_TRAIN_WORKER_TITLE)}
+    return set(filter(descends_from_here, workers))
+
+
+def _tensorboard_writer_pids(phase_dir: Path) -> set[int]:
+    """Pids of the processes that wrote the phase's TensorBoard events (rank 0 of each attempt):
+    TensorFlow names each file `events.out.tfevents.<time>.<host>.<pid>.<n>.v2`."""
+    return {int(path.name.split(".")[-3]) for path in (phase_dir / "tensorboard").glob("events.out.tfevents.*")}
+
+
 # --- on a shared local cluster ------------------------------------------------------------------
 
 
@@ -156,30 +256,31 @@ def ray_cluster():
 def two_phases(ray_cluster, data_dir, tmp_path_factory):
     """The whole story on one run root, each part asserted by a test below:
 
-    1. phase 1 to 6 steps, with rank 1 SIGKILLed a few seconds after the first checkpoint
-       (step 3) and `ray.max_failures: 1`: Ray replaces the worker group, training resumes;
+    1. phase 1 to 6 steps, with rank 1 SIGKILLed from outside (`WorkerKiller`) once Ray has
+       committed the first checkpoint (step 3), and `ray.max_failures: 1`: Ray replaces the worker
+       group, training resumes from step 3;
     2. phase 1 re-run with `steps: 9`: a half-finished phase resumes from step 6;
     3. phase 2 (4 steps) from phase 1's final checkpoint.
     """
     tmp_path = tmp_path_factory.mktemp("two_phases")
     run_root = _run_root(tmp_path, data_dir)
-    marker = tmp_path / "killed.json"
     config = _config_file(
         tmp_path, run_root, {"steps": 9, "checkpoint_every": 3}, {"steps": 4, "checkpoint_every": 2}, max_failures=1
     )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(KILL_AFTER_CHECKPOINT_ENV, str(marker))
+    with WorkerKiller(run_root / "train" / "phase1", "checkpoint_000000003") as killer:
         assert _train(config, 1, "train.phase1.steps=6") == 0
     first_final = json.loads((_final(run_root, 1) / "state.json").read_text())
     assert _train(config, 1) == 0
     assert _train(config, 2) == 0
-    return run_root, config, first_final, marker
+    return run_root, config, first_final, killer.killed_pid
 
 
 def test_phase1_publishes_a_complete_final_checkpoint(two_phases, data_dir):
     run_root = two_phases[0]
     final = _final(run_root, 1)
-    assert sorted(p.name for p in final.iterdir()) == ["config.yaml", "model.weights.h5", "state.json", "word_counts.txt"]
+    assert sorted(p.name for p in final.iterdir()) == [
+        "config.yaml", "model.weights.h5", "state.json", "word_counts.txt"
+    ]
     assert (final / "word_counts.txt").read_bytes() == (data_dir / "word_counts.txt").read_bytes()
     config = yaml.safe_load((final / "config.yaml").read_text())
     assert config["model"] == {**config["model"], **MODEL} and config["train"]["phase1"]["steps"] == 9
@@ -187,7 +288,8 @@ def test_phase1_publishes_a_complete_final_checkpoint(two_phases, data_dir):
     assert state["phase"] == 1 and state["step"] == 9 and len(state["fingerprint"]) == 64
     assert not list(final.parent.glob("final.*"))  # no staging or old copies left behind
     # Ray keeps `checkpoints_kept` of them.
-    assert sorted(p.name for p in final.parent.glob("checkpoint_0*")) == ["checkpoint_000000006", "checkpoint_000000009"]
+    kept = sorted(p.name for p in final.parent.glob("checkpoint_0*"))
+    assert kept == ["checkpoint_000000006", "checkpoint_000000009"]
 
 
 def test_history_has_each_report_once_in_order_across_resumes_and_loss_falls(two_phases):
@@ -253,8 +355,8 @@ def test_rerunning_a_finished_phase_is_a_fast_no_op_that_keeps_final(two_phases,
 
 
 def test_a_worker_killed_after_the_first_checkpoint_is_replaced_and_the_phase_resumes(two_phases):
-    run_root, _, first_final, marker = two_phases
-    assert marker.exists()  # rank 1 did SIGKILL itself, once
+    run_root, _, first_final, killed_pid = two_phases
+    assert killed_pid not in _training_workers()  # the fixture SIGKILLed rank 1, once; it is gone
     # The run went on to its 6 steps from the step-3 checkpoint: the first history rows say so.
     assert first_final["step"] == 6
     assert [(row["step"], row["resumed_from_step"]) for row in _history(run_root, 1)[:2]] == [(3, 0), (6, 3)]

@@ -25,10 +25,9 @@ from schemas.errors import ShowtellError
 from schemas.layout import FINAL_DIR, HISTORY_FILE, PREPROCESS_REPORT_FILE
 from schemas.vocabulary import WORD_COUNTS_FILE
 from trainer import checkpoints as ckpt
-from trainer.train_loop import KILL_AFTER_CHECKPOINT_ENV, TrainJob, train_loop_per_worker
+from trainer.train_loop import TrainJob, train_loop_per_worker
 
 log = logging.getLogger("showtell.train")
-
 
 
 class TrainingDivergedError(ShowtellError):
@@ -52,9 +51,12 @@ def plan_phase(config: Config, phase: int) -> PhasePlan:
     data_dir, train_dir = config.data_dir, config.train_dir
     report = ckpt.read_json(join_url(data_dir, PREPROCESS_REPORT_FILE))
     if report is None:
-        raise ShowtellError(f"no preprocessed data at {data_dir} ({PREPROCESS_REPORT_FILE} missing): run `showtell preprocess` first")
+        raise ShowtellError(
+            f"no preprocessed data at {data_dir} ({PREPROCESS_REPORT_FILE} missing): run `showtell preprocess` first"
+        )
     word_counts = ckpt.read_text(join_url(data_dir, WORD_COUNTS_FILE))
-    if phase == 1 and not phase_cfg.train_encoder and config.model.encoder_weights == "none" and not phase_cfg.encoder_pretrain_steps:
+    frozen_random_encoder = not phase_cfg.train_encoder and config.model.encoder_weights == "none"
+    if phase == 1 and frozen_random_encoder and not phase_cfg.encoder_pretrain_steps:
         log.warning(
             "phase 1 freezes the encoder, but model.encoder_weights is `none`: a frozen random encoder "
             "gives every image the same features, so the captioner will not see the images. Use "
@@ -100,7 +102,10 @@ def run_phase(config: Config, phase: int) -> dict:
     phase_dir = join_url(ckpt.absolute(config.train_dir), ckpt.phase_name(phase))
     published = ckpt.published_state(phase_dir)
     if published is not None and published["step"] >= phase_cfg.steps:
-        log.info("phase %d: %s/final already holds step %d of %d; nothing to do", phase, phase_dir, published["step"], phase_cfg.steps)
+        log.info(
+            "phase %d: %s/final already holds step %d of %d; nothing to do",
+            phase, phase_dir, published["step"], phase_cfg.steps,
+        )
         return _summary(phase, phase_dir, published, ran=False)
     plan = plan_phase(config, phase)
     started = time.time()
@@ -165,10 +170,8 @@ def _fit(plan: PhasePlan):
 
 
 def _worker_env() -> dict[str, str]:
-    env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-    if os.environ.get(KILL_AFTER_CHECKPOINT_ENV):  # the fault test's hook, for any cluster
-        env[KILL_AFTER_CHECKPOINT_ENV] = os.environ[KILL_AFTER_CHECKPOINT_ENV]
-    return env
+    """Workers don't inherit the driver's environment: quiet TensorFlow's C++ logs there too."""
+    return {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
 
 
 def _describe_failure(error: Exception) -> str:
@@ -214,8 +217,7 @@ def ray_cluster(config: Config) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    # Workers don't inherit the driver's environment: quiet TensorFlow's C++ logs there too.
-    runtime_env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}}
+    runtime_env = {"env_vars": _worker_env()}
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)

@@ -6,7 +6,7 @@ The helpers below it hold the details:
 - One step (`make_train_step`) follows im2txt: the loss is the cross-entropy averaged over the real
   words of the whole global batch (word and loss sums all-reduced), the gradient of that mean is
   all-reduced once, clipped by its global norm, and applied. (Keras' optimizer would all-reduce
-  again and clip per replica: `PreReducedSGD` turns its own all-reduce off.)
+  again and clip per replica: `trainer.optimizer`'s `PreReducedSGD` turns its own all-reduce off.)
 - Every `checkpoint_every` steps and at the last step all workers call `ray.train.report` (a
   barrier in Ray Train v2); rank 0 alone attaches the checkpoint, then rewrites history.jsonl and
   writes TensorBoard scalars. A report only happens after every step's loss was finite: a NaN or
@@ -17,16 +17,18 @@ The helpers below it hold the details:
 - Restore order: Ray's latest checkpoint of this phase (weights, optimizer, step, history), else
   for phase 2 phase 1's published `final/` weights, else fresh weights. The data pipeline is not
   restored: a resumed run reshuffles with a seed that includes the step it resumed from.
+
+The parts with a job of their own have modules of their own: the optimizer (`trainer.optimizer`),
+the batch-norm statistics averaging (`trainer.batch_norm_sync`) and the TensorBoard scalars
+(`trainer.tensorboard_writer`).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
-import signal
 import tempfile
 import time
 from typing import Optional
@@ -35,16 +37,11 @@ from schemas.config import Config, join_url
 from schemas.errors import ShowtellError
 from schemas.layout import HISTORY_FILE, TENSORBOARD_DIR, WEIGHTS_FILE
 from trainer import checkpoints as ckpt
+from trainer.batch_norm_sync import make_statistics_sync
+from trainer.optimizer import make_optimizer
+from trainer.tensorboard_writer import TensorBoardWriter
 
 log = logging.getLogger("showtell.train")
-
-# Test hook (tests/test_train.py): when set to a file path that does not exist yet, rank 1 creates
-# it and SIGKILLs itself a few seconds after the first checkpoint of a run, once.
-KILL_AFTER_CHECKPOINT_ENV = "SHOWTELL_TEST_KILL_RANK1_AFTER_CHECKPOINT"
-# Ray Train v2 commits a reported checkpoint when its controller next polls the workers (every 2 s
-# by default); a worker that dies before that poll takes the checkpoint with it. The hook waits
-# past one poll, so the test sees what a kill mid-phase costs, not that race.
-_KILL_DELAY_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +91,7 @@ def train_loop_per_worker(config: dict) -> dict:
     checkpoint = ray.train.get_checkpoint()  # the latest of this phase, after a restart or a re-run
     with strategy.scope():
         model = build_worker_model(job, pretrained=checkpoint is None and job.init_dir is None)
-        optimizer = make_optimizer(job, model)
+        optimizer = make_optimizer(job.phase_cfg, job.steps_per_epoch, job.cfg.train.mixed_precision, model)
     state = restore(job, model, optimizer, checkpoint)
     batches = iter(distributed_dataset(strategy, job, state.step))
     sync_statistics = make_statistics_sync(strategy, model)
@@ -179,35 +176,6 @@ def build_worker_model(job: TrainJob, pretrained: bool):
     return model
 
 
-def _pre_reduced_sgd_class():
-    import keras
-
-    if not hasattr(keras.optimizers.SGD, "_all_reduce_sum_gradients"):  # guard against a Keras change
-        raise RuntimeError("keras.optimizers.SGD has no _all_reduce_sum_gradients: update trainer.train_loop")
-
-    class PreReducedSGD(keras.optimizers.SGD):
-        """SGD that takes gradients already summed across replicas (Keras would sum them again)."""
-
-        def _all_reduce_sum_gradients(self, grads_and_vars):
-            return list(grads_and_vars)
-
-    return PreReducedSGD
-
-
-def make_optimizer(job: TrainJob, model):
-    """im2txt's plain SGD on the phase's staircase schedule; fp16 wraps it in a LossScaleOptimizer.
-    Built here (inside the strategy scope) so its variables exist before a restore."""
-    import keras
-
-    from trainer.ops import PhaseSchedule
-
-    optimizer = _pre_reduced_sgd_class()(learning_rate=PhaseSchedule(job.phase_cfg, job.steps_per_epoch))
-    if job.cfg.train.mixed_precision == "fp16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(model.trainable_variables)
-    return optimizer
-
-
 def restore(job: TrainJob, model, optimizer, checkpoint) -> TrainState:
     """Ray's latest checkpoint of this phase, else phase 1's final weights (phase 2), else fresh.
 
@@ -289,33 +257,6 @@ def make_train_step(strategy, model, optimizer, job: TrainJob):
     return train_step
 
 
-def make_statistics_sync(strategy, model):
-    """`sync()`: sets the encoder's batch-norm moving statistics to their mean over the replicas.
-
-    Keras 3 creates them with no cross-replica aggregation, so while the encoder trains (phase 2,
-    encoder pretraining) each worker's drift apart (training reads batch statistics, so the steps
-    stay equal); averaged before each checkpoint and after pretraining, the model holds
-    statistics of every worker's data.
-    """
-    import tensorflow as tf
-
-    variables = [v for v in model.non_trainable_variables if str(v.dtype).startswith("float")]
-    if not variables:
-        return lambda: None
-
-    def replica_means():
-        context = tf.distribute.get_replica_context()
-        return context.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v.value) for v in variables])
-
-    @tf.function
-    def sync():
-        means = strategy.run(replica_means)
-        for variable, mean in zip(variables, means):
-            variable.assign(strategy.experimental_local_results(mean)[0])
-
-    return sync
-
-
 # --- reports --------------------------------------------------------------------------------------
 
 
@@ -329,7 +270,7 @@ class Reporter:
         self._losses: list[float] = []
         self._norms: list[float] = []
         self._since = time.time()
-        self._tensorboard = _TensorBoard(join_url(job.phase_dir, TENSORBOARD_DIR)) if rank == 0 else None
+        self._tensorboard = TensorBoardWriter(join_url(job.phase_dir, TENSORBOARD_DIR)) if rank == 0 else None
 
     def record_step(self, step: int, loss: float, grad_norm: float) -> Optional[str]:
         """Keeps the step's loss; returns an error message if it is not finite."""
@@ -369,12 +310,13 @@ class Reporter:
                 ckpt.save_checkpoint(directory, model, optimizer, self._checkpoint_state(model))
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(
-                {**row, "phase": self.job.phase}, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{state.step:09d}"
+                {**row, "phase": self.job.phase},
+                checkpoint=checkpoint,
+                checkpoint_dir_name=f"checkpoint_{state.step:09d}",
             )
-        if self.rank == 0:  # after the report: the checkpoint holding this row is committed
+        if self.rank == 0:  # after the report: Ray holds the checkpoint with this row (committed at its next poll)
             ckpt.write_text(join_url(self.job.phase_dir, HISTORY_FILE), ckpt.history_text(state.history))
             self._tensorboard.write(row)
-        _maybe_kill_for_test(self.rank)
         self._losses, self._norms, self._since = [], [], time.time()
 
     def _checkpoint_state(self, model) -> dict:
@@ -405,49 +347,3 @@ def _perplexity(loss: float) -> float:
     from trainer.ops import perplexity
 
     return float(perplexity(loss))
-
-
-class _TensorBoard:
-    """Scalars for TensorBoard under `url`; written locally and copied up for object stores.
-
-    Written with `tf.summary.write` and the scalars plugin's metadata, which is what
-    `tf.summary.scalar` writes, without needing the tensorboard package on the workers.
-    """
-
-    NAMES = ("loss", "perplexity", "learning_rate", "examples_per_sec", "grad_norm")
-
-    def __init__(self, url: str):
-        import tensorflow as tf
-        from tensorflow.core.framework import summary_pb2
-
-        self.url = url
-        self._local = url if ckpt.is_local(url) else tempfile.mkdtemp(prefix="showtell-tb-")
-        self._writer = tf.summary.create_file_writer(ckpt.absolute(self._local))
-        plugin = summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
-        self._metadata = summary_pb2.SummaryMetadata(plugin_data=plugin).SerializeToString()
-
-    def write(self, row: dict) -> None:
-        import tensorflow as tf
-
-        with self._writer.as_default():
-            for name in self.NAMES:
-                tf.summary.write(name, tf.constant(row[name], tf.float32), step=row["step"], metadata=self._metadata)
-        self._writer.flush()
-        if self._local != self.url:
-            import fsspec
-
-            fs, path = fsspec.core.url_to_fs(self.url)
-            fs.put(self._local.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
-
-    def close(self) -> None:
-        self._writer.close()
-
-
-def _maybe_kill_for_test(rank: int) -> None:
-    marker = os.environ.get(KILL_AFTER_CHECKPOINT_ENV)
-    if not marker or rank != 1 or os.path.exists(marker):
-        return
-    with open(marker, "w", encoding="utf-8") as handle:
-        json.dump({"pid": os.getpid(), "time": time.time()}, handle)
-    time.sleep(_KILL_DELAY_S)
-    os.kill(os.getpid(), signal.SIGKILL)
