@@ -17,14 +17,21 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/showtell run --config configs/local.yaml
 
+# The report pages' tests screenshot them in Debian's headless Chromium (CI runs as root; elsewhere,
+# install the `chromium` package once by hand).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
 # ruff, configured in pyproject.toml: unused and undefined names, import order, bugbear, line length.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint
+test: lint $(CHROMIUM)
 	$(PY) -m pytest -q tests
 
-test-fast: lint
+test-fast: lint $(CHROMIUM)
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
