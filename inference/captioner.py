@@ -40,7 +40,7 @@ from trainer.inputs import preprocess_image
 if TYPE_CHECKING:
     from trainer.model import ShowAndTell
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("showtell.caption")
 
 STATE_NAMES = ("state_h", "state_c")  # the LSTM state [h, c], as named in every signature
 

@@ -48,7 +48,7 @@ from schemas.layout import EXPORT_METADATA_FILE, STATE_FILE
 from schemas.storage import absolute, is_local, publish_dir, read_json, read_text, write_text
 from schemas.vocabulary import WORD_COUNTS_FILE
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("showtell.export")
 
 SIGNATURES = ("initial_state", "step")
 

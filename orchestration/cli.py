@@ -134,6 +134,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from orchestration.run import run_pipeline
     from orchestration.run_text import format_outcomes, format_results
+    from orchestration.step_log import open_console
     from schemas.config import load_dated_config
 
     config = load_dated_config(args.config, args.overrides, args.date)
@@ -144,6 +145,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         force=args.force,
         wait=args.wait,
         progress=not args.quiet and sys.stderr.isatty(),
+        echo_to=open_console() if args.verbose else None,
     )
     if not args.quiet:
         print(format_outcomes(result))
@@ -183,6 +185,9 @@ def _seconds(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="showtell", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only and show no progress bars")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="`showtell run`: also stream the steps' logs to the console"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     sample = sub.add_parser("sample-data", help="write a small MSCOCO look-alike in MSCOCO's download layout")
@@ -277,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="log warnings only, print nothing on success",
     )
+    run.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="also stream what each step's engines print (Ray, TensorFlow, Beam; always in <run_root>/logs/)",
+    )
     status = sub.add_parser(
         "status", help="each step of `showtell run`: state, start, duration, outputs, current or stale"
     )
@@ -290,15 +302,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _route_logging(quiet: bool) -> None:
+    """showtell's own log lines go to the console; every other library's (Beam, Ray, TensorFlow,
+    absl) go to stderr, which during a step of `showtell run` is that step's log
+    (`orchestration.step_log`)."""
+    from orchestration.step_log import open_console
+
+    root = logging.getLogger()
+    if root.handlers:  # configured already (a test's log capture, or an embedding program)
+        return
+    line = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ours = logging.StreamHandler(open_console())
+    ours.addFilter(lambda record: record.name.split(".")[0] == "showtell")
+    theirs = logging.StreamHandler(sys.stderr)
+    theirs.addFilter(lambda record: record.name.split(".")[0] != "showtell")
+    for handler in (ours, theirs):
+        handler.setFormatter(line)
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    for noisy in ("apache_beam", "tensorflow", "absl", "tensorflow_transform", "tfx_bsl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads; Beam workers inherit it
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("apache_beam", "tensorflow", "absl", "tensorflow_transform", "tfx_bsl"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _route_logging(quiet=args.quiet)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)

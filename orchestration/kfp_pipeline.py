@@ -28,7 +28,7 @@ from schemas.config import Config, Kfp
 from schemas.errors import ShowtellError
 from schemas.storage import is_local
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("showtell.kfp")
 
 TRAINING_STEPS = ("train-phase1", "train-phase2")
 

@@ -35,7 +35,7 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, TextIO
 
 from orchestration.lock import FolderLock, read_owner, stale_reason
 from orchestration.manifest import (
@@ -53,9 +53,11 @@ from orchestration.manifest import (
     relative,
     upstream_token,
 )
+from orchestration.step_log import step_output
 from orchestration.steps import STEPS, Step
-from schemas.config import Config
+from schemas.config import Config, join_url
 from schemas.errors import ShowtellError
+from schemas.layout import LOGS_DIR
 
 log = logging.getLogger("showtell.run")
 
@@ -144,10 +146,14 @@ def run_pipeline(
     force: Optional[str] = None,
     wait: float = 0.0,
     progress: bool = False,
+    echo_to: Optional[TextIO] = None,
 ) -> RunResult:
     """Runs the steps that are not up to date, in order, under the run_root lock (see the module's
     docstring); returns what happened to each. A failing step is recorded `failed` and its error
-    raised (a ShowtellError as StepFailedError naming the step)."""
+    raised (a ShowtellError as StepFailedError naming the step and its log).
+
+    What a step's engines print goes to `<run_root>/logs/<step>.log` (`orchestration.step_log`),
+    and to `echo_to` as well when it is given (`showtell run --verbose`)."""
     if start and force:
         raise ShowtellError("--from and --force: give one of them")
     last = step_index(until, steps, "--until") if until else len(steps) - 1
@@ -192,7 +198,9 @@ def run_pipeline(
                 continue
             reason = f"forced by {flag} {forced_name}" if forced else assessment.reason
             fresh = forced or not assessment.resume
-            outcomes.append(_run_step(config, step, manifest, assessment, reason, fresh, lock.run_id, progress))
+            outcomes.append(
+                _run_step(config, step, manifest, assessment, reason, fresh, lock.run_id, progress, echo_to)
+            )
     return RunResult(lock.run_id, manifest.url, outcomes)
 
 
@@ -215,6 +223,7 @@ def _run_step(
     fresh: bool,
     run_id: str,
     progress: bool,
+    echo_to: Optional[TextIO],
 ) -> StepOutcome:
     if fresh and step.reset is not None:
         step.reset(config)
@@ -234,9 +243,11 @@ def _run_step(
     }
     manifest.set_step(step.name, record)
     log.info("step %s: start (%s)", step.name, reason)
+    log_url = join_url(config.run_root, LOGS_DIR, f"{step.name}.log")
     started = time.monotonic()
     try:
-        summary = step.work(config, progress)
+        with step_output(log_url, echo_to):
+            summary = step.work(config, progress)
         absent = missing(outputs)
         if absent:
             raise ShowtellError(f"finished without writing {', '.join(absent)}")
@@ -244,9 +255,9 @@ def _run_step(
         seconds = round(time.monotonic() - started, 3)
         line = _error_line(error)
         manifest.set_step(step.name, {**record, "state": FAILED, "end": now_iso(), "seconds": seconds, "error": line})
-        log.error("step %s: failed after %.1f s: %s", step.name, seconds, line)
+        log.error("step %s: failed after %.1f s: %s (log: %s)", step.name, seconds, line, log_url)
         if isinstance(error, ShowtellError):
-            raise StepFailedError(f"step {step.name}: {error}") from error
+            raise StepFailedError(f"step {step.name}: {error} (log: {log_url})") from error
         raise
     seconds = round(time.monotonic() - started, 3)
     manifest.set_step(step.name, {**record, "state": DONE, "end": now_iso(), "seconds": seconds, "summary": summary})

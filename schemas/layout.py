@@ -23,6 +23,7 @@ Every stage that writes a file and every stage that reads it take its name from 
                                               word_counts.txt, showtell_export.json (written last)
         promote.json                          this run's promotion decision
         manifest.json, .showtell.lock         `showtell run`'s record of its steps, and its lock
+        logs/<step>.log                       what each step's engines printed (Ray, TensorFlow, Beam)
         models/                               promote.models_root's default
             current/                          the promoted export, with model.json (copied last)
             previous/<time>-<id>/             each model that was current before
@@ -53,6 +54,7 @@ SAVED_MODEL_FILE = "saved_model.pb"  # TensorFlow's own
 EXPORT_METADATA_FILE = "showtell_export.json"  # image size, vocabulary ids, source checkpoint; written last
 
 # --- `showtell run`: <run_root>/ -------------------------------------------------------------------
+LOGS_DIR = "logs"  # logs/<step>.log: everything a step's engines printed (Ray, TensorFlow, Beam)
 EXPORT_DIR = "export"  # the SavedModel of the best checkpoint
 BEST_DIR = "best"  # best/final/: the best checkpoint published, when it is an intermediate one
 DECISION_FILE = "promote.json"  # this run's promotion decision

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,6 +171,28 @@ def test_the_run_ends_with_the_evaluation_summary_and_the_promoted_model(killed_
     assert decision["decision"] == "promoted" and decision["previous_model"] is None
     best = json.loads((root / "eval" / "best.json").read_text())
     assert json.loads((root / "export" / "showtell_export.json").read_text())["step"] == best["checkpoint"]["step"]
+
+
+# Lines only Ray's and TensorFlow's internals print: Ray's actor and worker prefixes and its own
+# processes, TensorFlow's C++ (glog/absl) lines and its start-up notices.
+ENGINE_INTERNALS = re.compile(
+    r"\((RayTrainWorker|TrainController|PlacementGroupCleaner|\w+) pid=\d+\)|PlacementGroupCleaner|"
+    r"Started a local Ray instance|^[IWEF]\d{4} \d\d:\d\d:\d\d|cuInit|oneDNN|cudart_stub|cpu_feature_guard|"
+    r"absl::InitializeLog"
+)
+
+
+@pytest.mark.slow
+def test_the_console_shows_no_ray_or_tensorflow_internals_and_each_steps_log_holds_them(killed_and_resumed):
+    root, resumed = killed_and_resumed.root, killed_and_resumed.resumed
+    console = resumed.stdout.splitlines() + resumed.stderr.splitlines()
+
+    assert [line for line in console if ENGINE_INTERNALS.search(line)] == []
+    assert any("step train-phase1: start" in line for line in console)  # showtell's own lines are there
+    logs = {path.name: path.read_text() for path in (root / "logs").glob("*.log")}
+    assert {"train-phase1.log", "train-phase2.log", "evaluate.log", "export.log", "promote.log"} <= set(logs)
+    for phase in ("train-phase1.log", "train-phase2.log"):
+        assert ENGINE_INTERNALS.search(logs[phase]), logs[phase][-2000:]  # Ray's lines went to the log
 
 
 @pytest.mark.slow
