@@ -28,6 +28,7 @@ class ImageVerdict:
     skip_reason: str | None  # one of the reasons above, or None when kept
     reencoded: bool = False  # True when the bytes were re-encoded to RGB JPEG
     source_format: str | None = None  # what Pillow saw: "JPEG", "PNG", "TIFF", ...
+    size: tuple[int, int] | None = None  # (width, height) from the header, once it was read
 
 
 def _decodes_with_tf(data: bytes) -> bool:
@@ -75,11 +76,12 @@ def check_image(data: bytes | None, max_pixels: int) -> ImageVerdict:
         return ImageVerdict(None, TOO_LARGE)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return ImageVerdict(None, NOT_AN_IMAGE)
+    seen = {"source_format": source_format, "size": (width, height)}
     if width * height > max_pixels:
-        return ImageVerdict(None, TOO_LARGE, source_format=source_format)
+        return ImageVerdict(None, TOO_LARGE, **seen)
     if _decodes_with_tf(data):
-        return ImageVerdict(data, None, source_format=source_format)
+        return ImageVerdict(data, None, **seen)
     reencoded = _reencode_rgb_jpeg(image)
     if reencoded is None or not _decodes_with_tf(reencoded):
-        return ImageVerdict(None, CORRUPT, source_format=source_format)
-    return ImageVerdict(reencoded, None, reencoded=True, source_format=source_format)
+        return ImageVerdict(None, CORRUPT, **seen)
+    return ImageVerdict(reencoded, None, reencoded=True, **seen)

@@ -48,7 +48,7 @@ from pipelines.captions import (
     read_captions_file,
     tokenized,
 )
-from pipelines.preprocess_report import build_report
+from pipelines.preprocess_report import SKIPPED_FILES_KEPT, build_report, skipped_files_key, written_image_tallies
 from pipelines.vocabulary import AnalyzeVocabulary
 from pipelines.zips import member_names, read_member
 from schemas import records
@@ -64,6 +64,7 @@ log = logging.getLogger("showtell.preprocess")
 COUNTS_FILE = "counts.json"  # the pipeline's raw tallies, folded into the report by the runner
 
 _COUNTS = "counts"  # tag of the side output that carries tallies
+_SKIPPED = "skipped_files"  # tag of the side output that carries (tally key, file name) of each skipped image
 
 
 @dataclass(frozen=True)
@@ -136,10 +137,14 @@ class CheckImageFn(beam.DoFn):
         if verdict.skip_reason:
             yield _tally(f"{split}/images/skipped/{verdict.skip_reason}")
             yield _tally(f"{split}/captions/skipped/{verdict.skip_reason}", num_captions)
+            name = image.member or f"image {image.image_id} (unsafe file_name)"
+            yield beam.pvalue.TaggedOutput(_SKIPPED, (skipped_files_key(split, verdict.skip_reason), name))
             return
         yield _tally(f"{split}/images/written")
         if verdict.reencoded:
             yield _tally(f"{split}/images/reencoded/{verdict.source_format}")
+        for key, count in written_image_tallies(split, verdict.size, (c.tokens for c in image.captions)).items():
+            yield _tally(key, count)
         yield image, (verdict.jpeg if verdict.reencoded else None)
 
     def _verdict(self, image: CaptionedImage) -> image_checks.ImageVerdict:
@@ -198,6 +203,11 @@ def write_shard(grouped: tuple[tuple[str, int], Iterable[PendingRecord]], output
     yield f"{split}/records/written", written
 
 
+def counts_json(tallies: dict[str, int], skipped_files: dict[str, list[str]]) -> str:
+    """counts.json: the summed tallies, with the first few skipped files' names under their keys."""
+    return json.dumps({**tallies, **skipped_files}, sort_keys=True)
+
+
 def write_text_to(text: str, url: str) -> None:
     """`storage.write_text` with the text first, as beam.Map passes it."""
     write_text(url, text)
@@ -227,7 +237,12 @@ def build_preprocess_pipeline(pipeline: beam.Pipeline, plan: PreprocessPlan) -> 
     )
 
     checked = listed | "CheckImages" >> beam.ParDo(CheckImageFn(plan.max_image_pixels)).with_outputs(
-        _COUNTS, main="kept"
+        _COUNTS, _SKIPPED, main="kept"
+    )
+    skipped_files = (
+        checked[_SKIPPED]
+        | "FirstSkippedFiles" >> beam.combiners.Top.SmallestPerKey(SKIPPED_FILES_KEPT)
+        | "CollectSkippedFiles" >> beam.combiners.ToDict()
     )
     written = (
         checked.kept
@@ -241,7 +256,7 @@ def build_preprocess_pipeline(pipeline: beam.Pipeline, plan: PreprocessPlan) -> 
         | "AllTallies" >> beam.Flatten()
         | "SumTallies" >> beam.CombinePerKey(sum)
         | "CollectTallies" >> beam.combiners.ToDict()
-        | "ToJson" >> beam.Map(lambda tallies: json.dumps(tallies, sort_keys=True))
+        | "ToJson" >> beam.Map(counts_json, beam.pvalue.AsSingleton(skipped_files))
         | "WriteTallies" >> beam.Map(write_text_to, join_url(plan.output_dir, COUNTS_FILE))
     )
 

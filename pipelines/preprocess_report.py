@@ -6,18 +6,56 @@ listed, written and skipped (by reason), and checks that they add up. For exampl
 
     {"splits": {"train": {"shards": 8,
                           "images": {"listed": 334, "written": 333, "skipped": {"empty_file": 1},
-                                     "reencoded": {}},
-                          "captions": {"listed": 1670, "written": 1665, "skipped": {"empty_file": 5}},
+                                     "skipped_files": {"empty_file": ["train2014/COCO_train2014_...jpg"]},
+                                     "reencoded": {},
+                                     "size": {"width": {"min": 96, "median": 96, "max": 96},
+                                              "height": {"min": 96, "median": 96, "max": 96}}},
+                          "captions": {"listed": 1670, "written": 1665, "skipped": {"empty_file": 5},
+                                       "lengths": {"6": 410, "7": 802, ...}},
                           "records_written": 1665}, "val": ..., "test": ...},
      "vocabulary": {"words": 41, "unknown_id": 41, "min_word_count": 4},
      "annotations": {"orphan_annotations": 0, ...}, "records_written": 2415, "seconds": 27.3}
+
+`skipped_files` names the first `SKIPPED_FILES_KEPT` skipped files per reason (by name); `size`
+sums up the written images' widths and heights in pixels; `lengths` counts the written captions
+by their number of tokens, `<S>` and `</S>` not counted.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import collections
+from typing import Iterable, Optional, Sequence
 
 from schemas.layout import PREPROCESS_REPORT_FILE
 from schemas.vocabulary import Vocabulary
+
+SKIPPED_FILES_KEPT = 5  # skipped files named per split and reason
+
+
+def skipped_files_key(split: str, reason: str) -> str:
+    """The tally key under which the pipeline gathers the names of a split's files skipped for `reason`."""
+    return f"{split}/images/skipped_files/{reason}"
+
+
+def written_image_tallies(split: str, size: tuple[int, int], captions: Iterable[Sequence[str]]) -> dict[str, int]:
+    """The tallies of a written image: its width and height, and its captions' lengths in tokens
+    (each caption's tokens, `<S>` ... `</S>`; the two markers are not counted)."""
+    width, height = size
+    tallies = collections.Counter({f"{split}/images/width/{width}": 1, f"{split}/images/height/{height}": 1})
+    tallies.update(f"{split}/captions/length/{len(tokens) - 2}" for tokens in captions)
+    return dict(tallies)
+
+
+def _min_median_max(counts: dict[str, int]) -> Optional[dict[str, int]]:
+    """{"min", "median", "max"} of the values counted in {str(value): count} (None when empty)."""
+    values = sorted((int(value), count) for value, count in counts.items() if count)
+    if not values:
+        return None
+    middle, seen = (sum(count for _, count in values) + 1) // 2, 0
+    for value, count in values:
+        seen += count
+        if seen >= middle:
+            return {"min": values[0][0], "median": value, "max": values[-1][0]}
+    raise AssertionError("unreachable")
 
 
 def _nest(flat: dict[str, int]) -> dict:
@@ -54,12 +92,15 @@ def build_report(
                 "listed": images.get("listed", 0),
                 "written": images.get("written", 0),
                 "skipped": images.get("skipped", {}),
+                "skipped_files": images.get("skipped_files", {}),
                 "reencoded": images.get("reencoded", {}),
+                "size": {side: _min_median_max(images.get(side, {})) for side in ("width", "height")},
             },
             "captions": {
                 "listed": captions.get("listed", 0),
                 "written": written_records,
                 "skipped": captions.get("skipped", {}),
+                "lengths": dict(sorted(captions.get("length", {}).items(), key=lambda item: int(item[0]))),
             },
             "records_written": written_records,
         }
