@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo lint test test-fast install clean bench
 
+# pip -qq: errors only; one -q still prints a warning per unreachable index a machine's pip config
+# names (hundreds of lines on some CI images), which buries the demo's own output.
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)

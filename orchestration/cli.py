@@ -6,14 +6,22 @@ import json
 import logging
 import os
 import sys
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, ContextManager, Sequence, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from schemas.config import ConfigError, Eval, describe_errors, load_config
+from schemas.config import Config, ConfigError, Eval, describe_errors, load_config
 from schemas.errors import ShowtellError
 
 Section = TypeVar("Section", bound=BaseModel)
+
+PROGRESS_EVERY = 30.0  # seconds between progress lines off a terminal (cron, Kubeflow)
+
+EXIT_CODES = """exit codes:
+  0  done; a promotion the gate held back is done too (promote.json and report.html say why)
+  1  a step failed for any other reason: a crashed worker, a lost node, a bug (its log has the traceback)
+  2  a user's mistake: a bad config key or flag, a missing or corrupt input, a run_root held by another run
+"""
 
 # `showtell caption`'s flags that mirror `eval` keys: argparse dests, named as the keys.
 CAPTION_SETTINGS = ("beam_size", "max_caption_length", "length_normalization", "batch_size")
@@ -59,12 +67,28 @@ def _cmd_sample_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _as_step(args: argparse.Namespace, config: Config, step: str) -> ContextManager[None]:
+    """A subcommand run alone, as `showtell run` runs its step: the engines' output goes to
+    `<run_root>/logs/<step>.log` (and the console with --verbose), a failure is one line naming it."""
+    from orchestration.run import step_log_url
+    from orchestration.step_log import logged_step, open_console
+
+    return logged_step(step, step_log_url(config, step), open_console() if args.verbose else None)
+
+
+def _result(args: argparse.Namespace, text: str) -> None:
+    """A step subcommand's summary on stdout; --quiet prints nothing on success."""
+    if not args.quiet:
+        print(text)
+
+
 def _cmd_download(args: argparse.Namespace) -> int:
     from pipelines.download import mirror_dataset
 
     config = load_config(args.config, args.overrides)
-    for result in mirror_dataset(config, progress=not args.quiet and sys.stderr.isatty()):
-        print(f"{result.action:>10}  {result.size:>14,d} B  {result.dest}")
+    with _as_step(args, config, "download"):
+        results = mirror_dataset(config, progress=not args.quiet and sys.stderr.isatty())
+    _result(args, "\n".join(f"{r.action:>10}  {r.size:>14,d} B  {r.dest}" for r in results))
     return 0
 
 
@@ -73,8 +97,9 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from pipelines.preprocess_report import summarize_report
 
     config = load_config(args.config, args.overrides)
-    report = run_preprocess(config)
-    print(summarize_report(report))
+    with _as_step(args, config, "preprocess"):
+        report = run_preprocess(config)
+    _result(args, summarize_report(report))
     return 0
 
 
@@ -82,8 +107,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from trainer.launcher import run_phase
 
     config = load_config(args.config, args.overrides)
-    summary = run_phase(config, args.phase)
-    print(json.dumps(summary, indent=2))
+    with _as_step(args, config, f"train-phase{args.phase}"):
+        summary = run_phase(config, args.phase)
+    _result(args, json.dumps(summary, indent=2))
     return 0
 
 
@@ -92,7 +118,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pipelines.evaluate import run_evaluate
 
     config = load_config(args.config, args.overrides)
-    print(summarize_report(run_evaluate(config)))
+    with _as_step(args, config, "evaluate"):
+        report = run_evaluate(config)
+    _result(args, summarize_report(report))
     return 0
 
 
@@ -165,6 +193,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from orchestration.run_report import write_run_report
+    from schemas.config import load_dated_config
+
+    config = load_dated_config(args.config, args.overrides, args.date)
+    print(write_run_report(config))
+    return 0
+
+
 def _cmd_export_pipeline(args: argparse.Namespace) -> int:
     from orchestration.kfp_pipeline import compile_kfp_pipeline
 
@@ -182,15 +219,50 @@ def _seconds(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="showtell", description=__doc__)
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only and show no progress bars")
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="`showtell run`: also stream the steps' logs to the console"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_console_args(parser: argparse.ArgumentParser, after_subcommand: bool) -> None:
+    """-q, -v and --progress-every, before the subcommand (`showtell -q run ...`) and after it
+    (`showtell run ... -q`, for cron lines); given after it, they win, and not given there, the
+    ones before stand (argparse.SUPPRESS keeps them out of the subcommand's namespace)."""
 
-    sample = sub.add_parser("sample-data", help="write a small MSCOCO look-alike in MSCOCO's download layout")
+    def default(value):
+        return argparse.SUPPRESS if after_subcommand else value
+
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default(False),
+        help="print nothing on success and one line per error (for cron); no progress display",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default(False),
+        help="also stream what each step's engines print (Ray, TensorFlow, Beam; always in <run_root>/logs/)",
+    )
+    parser.add_argument(
+        "--progress-every",
+        type=_seconds,
+        default=default(PROGRESS_EVERY),
+        metavar="SECONDS",
+        help=f"off a terminal, one progress line per long step at most every SECONDS (default {PROGRESS_EVERY:.0f})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="showtell", description=__doc__, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    _add_console_args(parser, after_subcommand=False)
+    console_args = argparse.ArgumentParser(add_help=False)
+    _add_console_args(console_args, after_subcommand=True)
+    subcommands = parser.add_subparsers(dest="command", required=True)
+
+    def add_subcommand(name: str, **options) -> argparse.ArgumentParser:
+        return subcommands.add_parser(name, parents=[console_args], **options)
+
+    sample = add_subcommand("sample-data", help="write a small MSCOCO look-alike in MSCOCO's download layout")
     sample.add_argument("out", help="output directory (local path or fsspec URL)")
     # data.sample's keys (SampleData): a flag left out takes the key's default; SampleData checks them.
     unset = argparse.SUPPRESS
@@ -200,22 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--image-size", type=int, default=unset, help="image width and height in pixels")
     sample.set_defaults(func=_cmd_sample_data)
 
-    download = sub.add_parser("download", help="mirror MSCOCO's three files from data.source to data.mirror")
+    download = add_subcommand("download", help="mirror MSCOCO's three files from data.source to data.mirror")
     _add_config_args(download)
     download.set_defaults(func=_cmd_download)
 
-    preprocess = sub.add_parser("preprocess", help="Beam + tf.Transform: mirrored MSCOCO -> im2txt TFRecords")
+    preprocess = add_subcommand("preprocess", help="Beam + tf.Transform: mirrored MSCOCO -> im2txt TFRecords")
     _add_config_args(preprocess)
     preprocess.set_defaults(func=_cmd_preprocess)
 
-    train = sub.add_parser("train", help="Ray Train: one training phase (1: encoder frozen, 2: fine-tune everything)")
+    train = add_subcommand("train", help="Ray Train: one training phase (1: encoder frozen, 2: fine-tune everything)")
     _add_config_args(train)
     train.add_argument(
         "--phase", type=int, choices=(1, 2), required=True, help="training phase; 2 starts from 1's final/"
     )
     train.set_defaults(func=_cmd_train)
 
-    evaluate = sub.add_parser(
+    evaluate = add_subcommand(
         "evaluate",
         help="Beam: every checkpoint -> perplexity, beam-search captions, COCO metrics; <run_root>/eval/ report",
     )
@@ -224,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # im2txt's beam search settings, as `showtell evaluate` uses them; checked by `_mirrored` as eval.*.
     defaults = Eval()
-    caption = sub.add_parser("caption", help="beam-search captions for image files, as im2txt's run_inference")
+    caption = add_subcommand("caption", help="beam-search captions for image files, as im2txt's run_inference")
     caption.add_argument("--checkpoint", required=True, help="a published final/ folder or a `showtell export` folder")
     caption.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, ... files (paths or fsspec URLs)")
     caption.add_argument("--beam-size", type=int, default=defaults.beam_size, help="captions kept per image")
@@ -241,12 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--json", action="store_true", help="print one JSON document instead of im2txt's text")
     caption.set_defaults(func=_cmd_caption)
 
-    export = sub.add_parser("export", help="a final/ checkpoint -> a TensorFlow SavedModel (TF Serving, caption)")
+    export = add_subcommand("export", help="a final/ checkpoint -> a TensorFlow SavedModel (TF Serving, caption)")
     export.add_argument("--checkpoint", required=True, help="a published final/ folder (local path or fsspec URL)")
     export.add_argument("out", help="the SavedModel folder to write (local path or fsspec URL); replaced whole")
     export.set_defaults(func=_cmd_export)
 
-    pipeline = sub.add_parser(
+    pipeline = add_subcommand(
         "export-pipeline", help="compile `showtell run` for a scheduler: a Kubeflow Pipelines v2 YAML"
     )
     pipeline.add_argument("engine", choices=["kfp"], help="the scheduler (kfp: Kubeflow Pipelines v2)")
@@ -257,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     from orchestration.steps import STEP_NAMES
 
     steps_text = ", ".join(STEP_NAMES)
-    run = sub.add_parser("run", help=f"the whole pipeline, resumable, under a lock on run_root: {steps_text}")
+    run = add_subcommand("run", help=f"the whole pipeline, resumable, under a lock on run_root: {steps_text}")
     _add_config_args(run)
     run.add_argument("--until", metavar="STEP", help=f"stop after STEP (one of {steps_text})")
     again = run.add_mutually_exclusive_group()
@@ -274,22 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="wait up to SECONDS for another run holding the run_root lock (default: fail at once, naming it)",
     )
-    # Also after the subcommand (`showtell run ... --quiet`, for cron); SUPPRESS keeps `showtell -q run` working.
-    run.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="log warnings only, print nothing on success",
-    )
-    run.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="also stream what each step's engines print (Ray, TensorFlow, Beam; always in <run_root>/logs/)",
-    )
-    status = sub.add_parser(
+    status = add_subcommand(
         "status", help="each step of `showtell run`: state, start, duration, outputs, current or stale"
     )
     _add_config_args(status)
@@ -299,24 +356,35 @@ def build_parser() -> argparse.ArgumentParser:
         )
     run.set_defaults(func=_cmd_run)
     status.set_defaults(func=_cmd_status)
+    report = add_subcommand("report", help="write <run_root>/report.html, the whole run on one page; prints its path")
+    _add_config_args(report)
+    report.add_argument(
+        "--date", metavar="YYYY-MM-DD", help="the day `{date}` in the config stands for (default: today, UTC)"
+    )
+    report.set_defaults(func=_cmd_report)
     return parser
 
 
 def _route_logging(quiet: bool) -> None:
     """showtell's own log lines go to the console; every other library's (Beam, Ray, TensorFlow,
-    absl) go to stderr, which during a step of `showtell run` is that step's log
-    (`orchestration.step_log`)."""
+    absl) go to stderr, which during a step is that step's log (`orchestration.step_log`). With
+    --quiet, the console gets errors only, and showtell's warnings go to the step's log instead."""
     from orchestration.step_log import open_console
 
     root = logging.getLogger()
     if root.handlers:  # configured already (a test's log capture, or an embedding program)
         return
+    console_level = logging.ERROR if quiet else logging.INFO
+
+    def ours(record: logging.LogRecord) -> bool:
+        return record.name.split(".")[0] == "showtell"
+
     line = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ours = logging.StreamHandler(open_console())
-    ours.addFilter(lambda record: record.name.split(".")[0] == "showtell")
-    theirs = logging.StreamHandler(sys.stderr)
-    theirs.addFilter(lambda record: record.name.split(".")[0] != "showtell")
-    for handler in (ours, theirs):
+    console = logging.StreamHandler(open_console())
+    console.addFilter(lambda record: ours(record) and record.levelno >= console_level)
+    engines = logging.StreamHandler(sys.stderr)
+    engines.addFilter(lambda record: not ours(record) or record.levelno < console_level)
+    for handler in (console, engines):
         handler.setFormatter(line)
         root.addHandler(handler)
     root.setLevel(logging.WARNING if quiet else logging.INFO)
@@ -332,9 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except ShowtellError as error:
-        # Expected, user-facing failures: one clear line, non-zero exit, no traceback.
+        # One line, no traceback: a user's mistake (2), or a failed step naming its log, which
+        # holds the traceback (2 or 1: orchestration.step_log.StepFailedError).
         print(f"showtell {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from orchestration.manifest import (
     relative,
     upstream_token,
 )
-from orchestration.step_log import step_output
+from orchestration.step_log import StepFailedError, error_line, logged_step
 from orchestration.steps import STEPS, Step
 from schemas.config import Config, join_url
 from schemas.errors import ShowtellError
@@ -133,10 +133,6 @@ class RunResult:
     outcomes: list[StepOutcome]
 
 
-class StepFailedError(ShowtellError):
-    """A step raised a ShowtellError; the message names the step."""
-
-
 def run_pipeline(
     config: Config,
     steps: Sequence[Step] = STEPS,
@@ -149,8 +145,9 @@ def run_pipeline(
     echo_to: Optional[TextIO] = None,
 ) -> RunResult:
     """Runs the steps that are not up to date, in order, under the run_root lock (see the module's
-    docstring); returns what happened to each. A failing step is recorded `failed` and its error
-    raised (a ShowtellError as StepFailedError naming the step and its log).
+    docstring); returns what happened to each. A failing step is recorded `failed` and raises a
+    StepFailedError naming the step, its cause and its log (exit code 2 when the cause is a
+    user's mistake, 1 otherwise); the traceback is in the log.
 
     What a step's engines print goes to `<run_root>/logs/<step>.log` (`orchestration.step_log`),
     and to `echo_to` as well when it is given (`showtell run --verbose`)."""
@@ -243,21 +240,18 @@ def _run_step(
     }
     manifest.set_step(step.name, record)
     log.info("step %s: start (%s)", step.name, reason)
-    log_url = join_url(config.run_root, LOGS_DIR, f"{step.name}.log")
     started = time.monotonic()
     try:
-        with step_output(log_url, echo_to):
+        with logged_step(step.name, step_log_url(config, step.name), echo_to):
             summary = step.work(config, progress)
-        absent = missing(outputs)
-        if absent:
-            raise ShowtellError(f"finished without writing {', '.join(absent)}")
+            absent = missing(outputs)
+            if absent:
+                raise ShowtellError(f"finished without writing {', '.join(absent)}")
     except BaseException as error:
-        seconds = round(time.monotonic() - started, 3)
-        line = _error_line(error)
+        failed = error if isinstance(error, StepFailedError) else None
+        seconds = failed.seconds if failed else round(time.monotonic() - started, 3)
+        line = failed.cause if failed else error_line(error)
         manifest.set_step(step.name, {**record, "state": FAILED, "end": now_iso(), "seconds": seconds, "error": line})
-        log.error("step %s: failed after %.1f s: %s (log: %s)", step.name, seconds, line, log_url)
-        if isinstance(error, ShowtellError):
-            raise StepFailedError(f"step {step.name}: {error} (log: {log_url})") from error
         raise
     seconds = round(time.monotonic() - started, 3)
     manifest.set_step(step.name, {**record, "state": DONE, "end": now_iso(), "seconds": seconds, "summary": summary})
@@ -265,12 +259,9 @@ def _run_step(
     return StepOutcome(step.name, RAN, reason, seconds)
 
 
-def _error_line(error: BaseException) -> str:
-    if isinstance(error, KeyboardInterrupt):
-        return "interrupted"
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    return text if isinstance(error, ShowtellError) else f"{type(error).__name__}: {text}".rstrip(": ")
+def step_log_url(config: Config, step: str) -> str:
+    """Where step `step`'s engine output goes: `<run_root>/logs/<step>.log`."""
+    return join_url(config.run_root, LOGS_DIR, f"{step}.log")
 
 
 # --- status -------------------------------------------------------------------------------------

@@ -13,6 +13,14 @@ showtell's logger writes to `open_console()`'s stream, so its lines (a step star
 warnings a user can act on) still reach the terminal. With `echo_to` (`-v/--verbose`), the log's
 lines are copied to the console as well. A step that runs again (a resumed or retried one)
 appends to its log.
+
+`logged_step` is `step_output` for a whole step, as `showtell run` and the subcommands run alone
+(`showtell train`, ...) use it: a failure's traceback goes to the log, and what reaches the caller
+is a `StepFailedError` with one line that names the step, its cause and its log:
+
+    with logged_step("train-phase1", "runs/x/logs/train-phase1.log"):
+        run_phase(config, 1)
+    # StepFailedError: step train-phase1 failed after 12.3 s: rank 1: ... (log: runs/x/logs/train-phase1.log)
 """
 from __future__ import annotations
 
@@ -20,9 +28,12 @@ import os
 import sys
 import tempfile
 import threading
+import time
+import traceback
 from contextlib import contextmanager
 from typing import Iterator, Optional, TextIO
 
+from schemas.errors import OTHER_FAILURE, ShowtellError
 from schemas.storage import absolute, exists, is_local, read_text, write_text
 
 _READ_BYTES = 1 << 16
@@ -44,6 +55,43 @@ def open_console() -> TextIO:
         sys.stderr.flush()
         _console = os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8", errors="replace")
     return _console
+
+
+class StepFailedError(ShowtellError):
+    """A step failed. Its exit code is 2 when the cause was a user's mistake (a ShowtellError),
+    1 when it was anything else (a crashed worker, a lost node, a bug)."""
+
+    def __init__(self, step: str, cause: BaseException, seconds: float, log_url: str):
+        self.step, self.seconds, self.log_url = step, seconds, log_url
+        self.cause = error_line(cause)  # one line: what went wrong
+        self.exit_code = cause.exit_code if isinstance(cause, ShowtellError) else OTHER_FAILURE
+        super().__init__(f"step {step} failed after {seconds:.1f} s: {self.cause} (log: {log_url})")
+
+
+def error_line(error: BaseException) -> str:
+    """The one line that says what went wrong: a ShowtellError's message as is, anything else
+    with its type, e.g. "RuntimeError: worker died"."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    return text if isinstance(error, ShowtellError) else f"{type(error).__name__}: {text}".rstrip(": ")
+
+
+@contextmanager
+def logged_step(step: str, log_url: str, echo_to: Optional[TextIO] = None) -> Iterator[None]:
+    """`step_output` for a whole step: an exception's traceback is written to the log, and the
+    exception comes out as a StepFailedError (exit code 2 for a user's mistake, 1 otherwise)."""
+    started = time.monotonic()
+    try:
+        with step_output(log_url, echo_to):
+            try:
+                yield
+            except Exception:
+                os.write(2, traceback.format_exc().encode())  # into the log (fd 2 is it): the console gets one line
+                raise
+    except Exception as error:
+        raise StepFailedError(step, error, round(time.monotonic() - started, 3), log_url) from error
 
 
 @contextmanager

@@ -11,6 +11,13 @@
   raises anything else, usually ValueError or TypeError, and keeps its traceback: it is a bug
   to fix, not a message for the user.
 
+- Anything but a ShowtellError that stops a command (a programming error, a crashed worker, a
+  node lost for good) exits 1. `showtell run` and the step subcommands print it as one line
+  naming the step's log, which holds the traceback (`orchestration.step_log.logged_step`).
+
+The exit codes, as the README's "Exit codes" lists them: 0 done (a promotion the gate held back
+included: the run did its job, and `promote.json` says why), 2 a user's mistake, 1 anything else.
+
 User input is checked once, where it enters, and trusted after that: config keys by the config
 model (schemas/config.py, whose errors are `ConfigError`s naming the dotted key), and CLI flags
 that mirror a config key by that same model (e.g. `showtell caption --beam-size` is checked as
@@ -20,5 +27,11 @@ settings as validated and does not check them again; its own guards catch progra
 """
 
 
+USER_MISTAKE = 2  # the exit code of a ShowtellError
+OTHER_FAILURE = 1  # the exit code of anything else
+
+
 class ShowtellError(Exception):
     """A bad input, config or environment, with a message that says what and where."""
+
+    exit_code = USER_MISTAKE

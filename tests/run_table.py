@@ -11,6 +11,7 @@ logs its call to calls.log, so a test reads what ran, in which order, and whethe
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -35,7 +36,9 @@ def table_step(
     name: str, keys: tuple[str, ...], inputs: tuple[str, ...] = (), reset: bool = False, extendable=()
 ) -> Step:
     """A step that writes `<run_root>/<name>.txt` from its config values and its inputs' text, and
-    logs its call (and its reset) to calls.log; it fails while `<run_root>/fail-<name>` exists."""
+    logs its call (and its reset) to calls.log. It fails as a user's mistake (a ShowtellError)
+    while `<run_root>/fail-<name>` exists, and crashes (a RuntimeError, as a bug or a dead worker
+    would) while `<run_root>/crash-<name>` exists."""
 
     def url(config, file: str) -> str:
         return str(Path(config.run_root) / f"{file}.txt")
@@ -47,6 +50,9 @@ def table_step(
     def work(config, progress: bool) -> dict:
         if (Path(config.run_root) / f"fail-{name}").exists():
             raise ShowtellError(f"{name} was told to fail\nsecond line")
+        if (Path(config.run_root) / f"crash-{name}").exists():
+            os.write(2, f"{name}: an engine line before the crash\n".encode())  # as Ray or TensorFlow writes
+            raise RuntimeError(f"{name} crashed")
         log_call(config, name)
         parts = [json.dumps(config_values(config, keys))] + [Path(url(config, i)).read_text() for i in inputs]
         Path(url(config, name)).write_text(" | ".join(parts))

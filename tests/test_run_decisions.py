@@ -116,12 +116,31 @@ def test_missing_outputs_are_checked_and_their_step_resumed_not_reset(root, capl
     assert "step train: start (outputs missing: train.txt)" in caplog.text
 
 
+def test_a_crashed_step_exits_1_naming_its_log_which_holds_its_output_and_traceback(root):
+    root.mkdir()
+    (root / "crash-train").touch()
+
+    with pytest.raises(StepFailedError) as failed:
+        run_table(root)
+
+    assert failed.value.exit_code == 1
+    assert str(failed.value).startswith("step train failed after ")
+    assert str(failed.value).endswith(f"RuntimeError: train crashed (log: {root / 'logs' / 'train.log'})")
+    log = (root / "logs" / "train.log").read_text()
+    assert "train: an engine line before the crash" in log
+    assert "Traceback (most recent call last)" in log and log.rstrip().endswith("RuntimeError: train crashed")
+    assert manifest_json(root)["steps"]["train"]["error"] == "RuntimeError: train crashed"
+
+
 def test_a_failed_step_is_recorded_and_the_next_run_continues_from_it(root):
     root.mkdir()
     (root / "fail-prepare").touch()
 
-    with pytest.raises(StepFailedError, match=r"^step prepare: prepare was told to fail"):
+    expected = r"^step prepare failed after [\d.]+ s: prepare was told to fail \(log: "
+    with pytest.raises(StepFailedError, match=expected) as failed:
         run_table(root)
+
+    assert failed.value.exit_code == 2 and failed.value.log_url == str(root / "logs" / "prepare.log")
 
     steps = manifest_json(root)["steps"]
     assert steps["fetch"]["state"] == DONE
