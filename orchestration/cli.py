@@ -76,6 +76,17 @@ def _as_step(args: argparse.Namespace, config: Config, step: str) -> ContextMana
     return logged_step(step, step_log_url(config, step), open_console() if args.verbose else None)
 
 
+def _engine_output(args: argparse.Namespace) -> ContextManager[None]:
+    """A subcommand without a run_root (caption, export): TensorFlow's own lines go to
+    `<temp dir>/showtell/<subcommand>.log` (appended to), and the console with --verbose."""
+    import tempfile
+
+    from orchestration.step_log import open_console, step_output
+
+    log = os.path.join(tempfile.gettempdir(), "showtell", f"{args.command}.log")
+    return step_output(log, open_console() if args.verbose else None)
+
+
 def _result(args: argparse.Namespace, text: str) -> None:
     """A step subcommand's summary on stdout; --quiet prints nothing on success."""
     if not args.quiet:
@@ -83,42 +94,42 @@ def _result(args: argparse.Namespace, text: str) -> None:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from pipelines.download import mirror_dataset
-
     config = load_config(args.config, args.overrides)
-    with _as_step(args, config, "download"):
+    with _as_step(args, config, "download"):  # the engines' imports too: TensorFlow prints as it loads
+        from pipelines.download import mirror_dataset
+
         results = mirror_dataset(config, progress=not args.quiet and sys.stderr.isatty())
     _result(args, "\n".join(f"{r.action:>10}  {r.size:>14,d} B  {r.dest}" for r in results))
     return 0
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
-    from pipelines.preprocess import run_preprocess
-    from pipelines.preprocess_report import summarize_report
-
     config = load_config(args.config, args.overrides)
     with _as_step(args, config, "preprocess"):
+        from pipelines.preprocess import run_preprocess
+        from pipelines.preprocess_report import summarize_report
+
         report = run_preprocess(config)
     _result(args, summarize_report(report))
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from trainer.launcher import run_phase
-
     config = load_config(args.config, args.overrides)
     with _as_step(args, config, f"train-phase{args.phase}"):
+        from trainer.launcher import run_phase
+
         summary = run_phase(config, args.phase)
     _result(args, json.dumps(summary, indent=2))
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipelines.eval_report import summarize_report
-    from pipelines.evaluate import run_evaluate
-
     config = load_config(args.config, args.overrides)
     with _as_step(args, config, "evaluate"):
+        from pipelines.eval_report import summarize_report
+        from pipelines.evaluate import run_evaluate
+
         report = run_evaluate(config)
     _result(args, summarize_report(report))
     return 0
@@ -126,17 +137,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_caption(args: argparse.Namespace) -> int:
     settings = _mirrored(Eval, "eval", args, CAPTION_SETTINGS)  # before TensorFlow and the checkpoint load
-    from inference.captioner import caption_files, load_captioner
+    with _engine_output(args):
+        from inference.captioner import caption_files, load_captioner
 
-    captioner = load_captioner(args.checkpoint)
-    results = caption_files(
-        captioner,
-        args.images,
-        beam_size=settings.beam_size,
-        max_caption_length=settings.max_caption_length,
-        length_normalization=settings.length_normalization,
-        batch_size=settings.batch_size,
-    )
+        captioner = load_captioner(args.checkpoint)
+        results = caption_files(
+            captioner,
+            args.images,
+            beam_size=settings.beam_size,
+            max_caption_length=settings.max_caption_length,
+            length_normalization=settings.length_normalization,
+            batch_size=settings.batch_size,
+        )
     for result in results:
         if "error" in result:
             print(f"showtell caption: error: {result['path']}: {result['error']}", file=sys.stderr)
@@ -152,10 +164,13 @@ def _cmd_caption(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from inference.export import export_saved_model
     from schemas.storage import absolute
 
-    print(absolute(export_saved_model(args.checkpoint, args.out)))
+    with _engine_output(args):
+        from inference.export import export_saved_model
+
+        exported = export_saved_model(args.checkpoint, args.out)
+    print(absolute(exported))
     return 0
 
 

@@ -3,8 +3,11 @@ captioning real JPEG and PNG files (tests/captioning.py)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,8 @@ from orchestration.cli import main as cli_main
 from schemas.errors import ShowtellError
 from schemas.layout import CONFIG_FILE, WEIGHTS_FILE
 from tests.captioning import MODEL, NUM_WORDS, WORD_COUNTS, assert_same_captions, image, publish_tiny_final
+from tests.console import ENGINE_INTERNALS
+from tests.run_table import REPO
 from trainer.inputs import preprocess_image
 
 UNITS = MODEL["num_lstm_units"]
@@ -133,6 +138,19 @@ def test_caption_cli_prints_im2txt_text(final, image_files, capsys):
         match = CAPTION_LINE.match(line)
         assert match and int(match[1]) == rank, line
     assert len(out) == 6
+
+
+def test_caption_cli_prints_captions_and_showtells_lines_only_keeping_tensorflows_in_a_log(
+    final, image_files, tmp_path
+):
+    command = [sys.executable, "-m", "orchestration.cli", "caption", "--checkpoint", final, str(image_files["jpeg"])]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True)
+
+    assert done.stdout.splitlines()[0] == f"Captions for image {image_files['jpeg']}:"
+    assert done.stderr and all(" INFO showtell.caption: " in line for line in done.stderr.splitlines())
+    assert ENGINE_INTERNALS.search((tmp_path / "showtell" / "caption.log").read_text())
 
 
 def test_caption_cli_reports_each_bad_file_and_still_captions_the_good_ones(final, image_files, tmp_path, capsys):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 
 from orchestration.lock import LOCK_FILE
 from orchestration.manifest import DONE, MANIFEST_FILE, RUNNING
+from tests.console import ENGINE_INTERNALS
 from tests.run_table import REPO, config_file
 
 TINY = {
@@ -171,15 +171,6 @@ def test_the_run_ends_with_the_evaluation_summary_and_the_promoted_model(killed_
     assert decision["decision"] == "promoted" and decision["previous_model"] is None
     best = json.loads((root / "eval" / "best.json").read_text())
     assert json.loads((root / "export" / "showtell_export.json").read_text())["step"] == best["checkpoint"]["step"]
-
-
-# Lines only Ray's and TensorFlow's internals print: Ray's actor and worker prefixes and its own
-# processes, TensorFlow's C++ (glog/absl) lines and its start-up notices.
-ENGINE_INTERNALS = re.compile(
-    r"\((RayTrainWorker|TrainController|PlacementGroupCleaner|\w+) pid=\d+\)|PlacementGroupCleaner|"
-    r"Started a local Ray instance|^[IWEF]\d{4} \d\d:\d\d:\d\d|cuInit|oneDNN|cudart_stub|cpu_feature_guard|"
-    r"absl::InitializeLog"
-)
 
 
 @pytest.mark.slow
