@@ -16,6 +16,10 @@ stages transform_fn/ on local disk and copies it over (`_transform_dirs`).
 Records go to shards by a hash of (seed, image id, annotation id) and are sorted by it inside a
 shard, so the same input always gives byte-identical shards, whatever the runner's ordering.
 
+While the pipeline runs, the driver's progress display (`schemas.progress`) counts the images
+checked out of those the captions files list; the check reports each one from whichever worker
+process runs it.
+
 Each image is decoded once, by the check (im2txt decodes it once per caption). Image bytes
 never go through the shuffle: it carries small PendingRecords, and each shard writer reads the
 checked bytes straight from the zip.
@@ -51,7 +55,7 @@ from pipelines.captions import (
 from pipelines.preprocess_report import SKIPPED_FILES_KEPT, build_report, skipped_files_key, written_image_tallies
 from pipelines.vocabulary import AnalyzeVocabulary
 from pipelines.zips import member_names, read_member
-from schemas import records
+from schemas import progress, records
 from schemas.config import ANNOTATIONS_ZIP, TRAIN_IMAGES_ZIP, VAL_IMAGES_ZIP, Config, join_url
 from schemas.errors import ShowtellError
 from schemas.layout import PREPROCESS_REPORT_FILE, RECORD_SCHEMA_FILE
@@ -134,6 +138,7 @@ class CheckImageFn(beam.DoFn):
         yield _tally(f"{split}/images/listed")
         yield _tally(f"{split}/captions/listed", num_captions)
         verdict = self._verdict(image)
+        progress.advance()  # one image checked, on the driver's display (`run_preprocess`)
         if verdict.skip_reason:
             yield _tally(f"{split}/images/skipped/{verdict.skip_reason}")
             yield _tally(f"{split}/captions/skipped/{verdict.skip_reason}", num_captions)
@@ -265,17 +270,20 @@ def build_preprocess_pipeline(pipeline: beam.Pipeline, plan: PreprocessPlan) -> 
 # The runner
 
 
-def _check_inputs(plan: PreprocessPlan) -> dict[str, int]:
-    """Fails fast, before any Beam work, on missing or malformed inputs; counts hostile zip names."""
+def _check_inputs(plan: PreprocessPlan) -> tuple[dict[str, int], int]:
+    """Fails fast, before any Beam work, on missing or malformed inputs; counts hostile zip names.
+    Returns those tallies and the number of images the captions files list (each checked once)."""
+    images = 0
     for source in plan.sources:
         for url in (source.annotations_zip, source.images_zip):
             if not exists(url):
                 raise ShowtellError(f"{url}: not found (run `showtell download` first)")
-        load_captions_document(source)  # raises ShowtellError naming the file on malformed JSON
+        document = load_captions_document(source)  # raises ShowtellError naming the file on malformed JSON
+        images += len({image["id"] for image in document["images"]})  # a repeated id is listed once
     unsafe = sum(
         is_unsafe_zip_name(name) for zip_url in {s.images_zip for s in plan.sources} for name in member_names(zip_url)
     )
-    return {"annotations/unsafe_zip_members_ignored": unsafe}
+    return {"annotations/unsafe_zip_members_ignored": unsafe}, images
 
 
 def _complete_shard_set(plan: PreprocessPlan) -> None:
@@ -336,10 +344,10 @@ def run_preprocess(config: Config) -> dict:
     with publish_dir(config.data_dir, marker=PREPROCESS_REPORT_FILE) as staging:
         with _transform_dirs(config.run_root, staging, run_id, runner) as (temp_dir, transform_dir):
             plan = plan_from_config(config, staging, transform_dir)
-            extra_tallies = _check_inputs(plan)
+            extra_tallies, images = _check_inputs(plan)
             log.info("preprocess: %s -> %s on %s", config.data.mirror, config.data_dir, runner)
             started = time.time()
-            with tft_beam.Context(temp_dir=temp_dir):
+            with tft_beam.Context(temp_dir=temp_dir), progress.tracked("preprocess", total=images, unit="images"):
                 with beam.Pipeline(options=options) as pipeline:
                     build_preprocess_pipeline(pipeline, plan)
         _complete_shard_set(plan)

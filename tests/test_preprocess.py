@@ -7,6 +7,7 @@ assertions below; a second run checks byte-for-byte determinism.
 from __future__ import annotations
 
 import collections
+import io
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from orchestration.cli import main as cli_main
 from pipelines.captions import split_of_val_position, tokenize_caption
 from pipelines.preprocess import run_preprocess
-from schemas import records
+from schemas import progress, records
 from schemas.config import build_config
 from schemas.layout import PREPROCESS_REPORT_FILE
 from schemas.tfrecord import read_records
@@ -43,9 +44,19 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def preprocessed(dataset, tmp_path_factory):
+def display() -> io.StringIO:
+    """What the shared run's progress display printed: plain lines, as off a terminal."""
+    return io.StringIO()
+
+
+@pytest.fixture(scope="module")
+def preprocessed(dataset, display, tmp_path_factory):
     run_root = tmp_path_factory.mktemp("run")
-    report = run_preprocess(_config(dataset.root, run_root, dataset.max_image_pixels))
+    progress.configure(display, bar=False, every=60.0)
+    try:
+        report = run_preprocess(_config(dataset.root, run_root, dataset.max_image_pixels))
+    finally:
+        progress.configure(None, bar=False)
     data_dir = run_root / "data"
     written = {
         split: [
@@ -194,6 +205,14 @@ def test_report_adds_up_and_is_on_disk(preprocessed):
             part = entry[unit]
             assert part["listed"] == part["written"] + sum(part["skipped"].values())
         assert entry["records_written"] == len(written[split])
+
+
+def test_progress_counts_every_listed_image_as_the_worker_processes_check_it(preprocessed, display):
+    report = preprocessed[0]
+    listed = sum(entry["images"]["listed"] for entry in report["splits"].values())
+    last = display.getvalue().splitlines()[-1]  # every=60: the line the display closes with
+    assert f" preprocess: {listed}/{listed} images (100%), " in last
+    assert " images/s, " in last and " 00:00 left" in last
 
 
 def test_same_input_gives_byte_identical_outputs(preprocessed, dataset, tmp_path):
