@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from typing import Callable, ContextManager, Sequence, TypeVar
+from typing import Callable, ContextManager, Iterator, Sequence, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -98,7 +99,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
     with _as_step(args, config, "download"):  # the engines' imports too: TensorFlow prints as it loads
         from pipelines.download import mirror_dataset
 
-        results = mirror_dataset(config, progress=not args.quiet and sys.stderr.isatty())
+        results = mirror_dataset(config)
     _result(args, "\n".join(f"{r.action:>10}  {r.size:>14,d} B  {r.dest}" for r in results))
     return 0
 
@@ -187,7 +188,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         start=args.start,
         force=args.force,
         wait=args.wait,
-        progress=not args.quiet and sys.stderr.isatty(),
         echo_to=open_console() if args.verbose else None,
     )
     if not args.quiet:
@@ -407,13 +407,29 @@ def _route_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+@contextlib.contextmanager
+def _progress_shown(args: argparse.Namespace) -> Iterator[None]:
+    """While the command runs, long steps show progress on the console: a bar on a terminal, a
+    line every --progress-every seconds off one, nothing with --quiet (schemas.progress)."""
+    from orchestration.step_log import open_console
+    from schemas import progress
+
+    console = open_console()
+    progress.configure(None if args.quiet else console, bar=console.isatty(), every=args.progress_every)
+    try:
+        yield
+    finally:
+        progress.configure(None, bar=False)  # an embedding program's (a test's) streams may close after
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads; Beam workers inherit it
     _route_logging(quiet=args.quiet)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
-        return handler(args)
+        with _progress_shown(args):
+            return handler(args)
     except ShowtellError as error:
         # One line, no traceback: a user's mistake (2), or a failed step naming its log, which
         # holds the traceback (2 or 1: orchestration.step_log.StepFailedError).

@@ -141,7 +141,6 @@ def run_pipeline(
     start: Optional[str] = None,
     force: Optional[str] = None,
     wait: float = 0.0,
-    progress: bool = False,
     echo_to: Optional[TextIO] = None,
 ) -> RunResult:
     """Runs the steps that are not up to date, in order, under the run_root lock (see the module's
@@ -196,7 +195,7 @@ def run_pipeline(
             reason = f"forced by {flag} {forced_name}" if forced else assessment.reason
             fresh = forced or not assessment.resume
             outcomes.append(
-                _run_step(config, step, manifest, assessment, reason, fresh, lock.run_id, progress, echo_to)
+                _run_step(config, step, manifest, assessment, reason, fresh, lock.run_id, echo_to)
             )
     return RunResult(lock.run_id, manifest.url, outcomes)
 
@@ -219,7 +218,6 @@ def _run_step(
     reason: str,
     fresh: bool,
     run_id: str,
-    progress: bool,
     echo_to: Optional[TextIO],
 ) -> StepOutcome:
     if fresh and step.reset is not None:
@@ -243,7 +241,7 @@ def _run_step(
     started = time.monotonic()
     try:
         with logged_step(step.name, step_log_url(config, step.name), echo_to):
-            summary = step.work(config, progress)
+            summary = step.work(config)
             absent = missing(outputs)
             if absent:
                 raise ShowtellError(f"finished without writing {', '.join(absent)}")

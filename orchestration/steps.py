@@ -105,7 +105,7 @@ class Step:
     keys: Callable[[Config], tuple[str, ...]]  # dotted config keys (sections or leaves) deciding what it produces
     inputs: Callable[[Config], list[str]]  # files or folders of earlier steps that it reads
     outputs: Callable[[Config], list[str]]  # files it writes: all of them exist once it is done
-    work: Callable[[Config, bool], Optional[dict[str, Any]]]  # (config, progress bars?) -> a small JSON summary
+    work: Callable[[Config], Optional[dict[str, Any]]]  # config -> a small JSON summary
     reset: Optional[Callable[[Config], None]] = None  # clears an earlier attempt before a fresh (not resumed) run
     # Config leaves that, when they alone grow, let the step go on from its earlier attempt rather
     # than start afresh: a phase given more steps trains on from its last checkpoint.
@@ -145,20 +145,20 @@ def decision_file(config: Config) -> str:
 # --- work ---------------------------------------------------------------------------------------
 
 
-def _download(config: Config, progress: bool) -> dict[str, Any]:
+def _download(config: Config) -> dict[str, Any]:
     from pipelines.download import mirror_dataset
 
-    return {"files": {result.relpath: result.action for result in mirror_dataset(config, progress=progress)}}
+    return {"files": {result.relpath: result.action for result in mirror_dataset(config)}}
 
 
-def _preprocess(config: Config, progress: bool) -> dict[str, Any]:
+def _preprocess(config: Config) -> dict[str, Any]:
     from pipelines.preprocess import run_preprocess
 
     report = run_preprocess(config)
     return {"records_written": report["records_written"], "words": report["vocabulary"]["words"]}
 
 
-def _train(phase: int, config: Config, progress: bool) -> dict[str, Any]:
+def _train(phase: int, config: Config) -> dict[str, Any]:
     from trainer.launcher import run_phase
 
     summary = run_phase(config, phase)
@@ -173,7 +173,7 @@ def _reset_phase(phase: int, config: Config) -> None:
         remove(phase_dir)
 
 
-def _evaluate(config: Config, progress: bool) -> dict[str, Any]:
+def _evaluate(config: Config) -> dict[str, Any]:
     from pipelines.evaluate import run_evaluate
 
     report = run_evaluate(config)
@@ -187,7 +187,7 @@ def _required_json(url: str, step: str) -> dict[str, Any]:
     return document
 
 
-def _export(config: Config, progress: bool) -> dict[str, Any]:
+def _export(config: Config) -> dict[str, Any]:
     """Exports the checkpoint best.json names as a SavedModel to `<run_root>/export/`."""
     from inference.export import export_saved_model
 
@@ -214,7 +214,7 @@ def _publish_checkpoint(config: Config, url: str) -> str:
         )
 
 
-def _promote(config: Config, progress: bool) -> dict[str, Any]:
+def _promote(config: Config) -> dict[str, Any]:
     """Offers the export to `promote.models_root`; writes the decision to `<run_root>/promote.json`."""
     best = _required_json(join_url(config.eval_dir, BEST_FILE), "evaluate")
     report = _required_json(join_url(config.eval_dir, EVAL_REPORT_FILE), "evaluate")

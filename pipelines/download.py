@@ -27,10 +27,10 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
-from tqdm import tqdm
 
 from pipelines.retries import IncompleteRead, SourceNotFoundError, with_retries
 from pipelines.sample_data import ensure_sample_data
+from schemas import progress
 from schemas.config import MSCOCO_FILES, Config, Download, join_url
 from schemas.errors import ShowtellError
 from schemas.storage import exists, read_json_object, remove, write_text
@@ -76,7 +76,7 @@ class _Location:
         return _Location(self.fs, self.path + suffix, self.url + suffix)
 
 
-def mirror_dataset(config: Config, progress: bool = False) -> list[MirrorResult]:
+def mirror_dataset(config: Config) -> list[MirrorResult]:
     """Mirrors MSCOCO's three files from `config.data.source` to `config.data.mirror`.
 
     `source: sample` generates the sample set into the mirror instead (once per sample setting).
@@ -97,7 +97,6 @@ def mirror_dataset(config: Config, progress: bool = False) -> list[MirrorResult]
             join_url(data.mirror, relpath),
             data.download,
             expected_checksum=data.checksums.get(relpath),
-            progress=progress,
         )
         results.append(replace(result, relpath=relpath))
     return results
@@ -108,7 +107,6 @@ def mirror_file(
     dest_url: str,
     settings: Download,
     expected_checksum: str | None = None,
-    progress: bool = False,
 ) -> MirrorResult:
     """Copies one file from `source_url` to `dest_url`, verified, resumable and atomic.
 
@@ -122,12 +120,11 @@ def mirror_file(
         info = with_retries(lambda: _source_info(src), settings, source_url)
         record = _verified_record(dst, info, expected)
         if record is None:
-            return _download(src, dst, info, settings, expected, progress)
+            return _download(src, dst, info, settings, expected)
     except SourceNotFoundError:
         remove(dst.suffixed(_PARTIAL).url)  # a partial of a file that is gone is worth nothing
         raise
-    if not progress:
-        log.info("skipped %s: %s already verified (%d bytes)", source_url, dest_url, record["size"])
+    log.info("skipped %s: %s already verified (%d bytes)", source_url, dest_url, record["size"])
     return MirrorResult(posixpath.basename(dst.path), dest_url, "skipped", record["size"], record["sha256"])
 
 
@@ -137,25 +134,18 @@ def _download(
     info: _SourceInfo,
     settings: Download,
     expected: Optional[tuple[str, str]],
-    progress: bool,
 ) -> MirrorResult:
-    """Streams the source into `<dest>.partial`, verifies it and moves it to `<dest>`."""
+    """Streams the source into `<dest>.partial`, verifies it and moves it to `<dest>`, with a
+    progress display of the bytes written (`schemas.progress`)."""
     partial = dst.suffixed(_PARTIAL)
     remove(dst.suffixed(_SIDECAR).url)
     dst.fs.makedirs(dst.fs._parent(dst.path), exist_ok=True)
     with _PartialFile(partial, info.size, settings.chunk_bytes) as sink:
         resumed_from = sink.offset
-        bar = tqdm(
-            total=info.size,
-            initial=sink.offset,
-            unit="B",
-            unit_scale=True,
-            desc=posixpath.basename(dst.path),
-            disable=not progress,
-        )
-        with bar:
+        with progress.tracked(f"download {posixpath.basename(dst.path)}", total=info.size or 0, unit="B"):
+            progress.advance(at=sink.offset)
             with_retries(
-                lambda: _copy_once(src, sink, info.size, settings.chunk_bytes, bar),
+                lambda: _copy_once(src, sink, info.size, settings.chunk_bytes),
                 settings,
                 src.url,
                 position=lambda: sink.offset,
@@ -166,8 +156,7 @@ def _download(
     dst.fs.mv(partial.path, dst.path)
     _write_sidecar(dst, src.url, info, size, digests)
     action = "resumed" if resumed_from else "downloaded"
-    if not progress:
-        log.info("%s %s -> %s (%d bytes, sha256 %s)", action, src.url, dst.url, size, digests["sha256"])
+    log.info("%s %s -> %s (%d bytes, sha256 %s)", action, src.url, dst.url, size, digests["sha256"])
     return MirrorResult(posixpath.basename(dst.path), dst.url, action, size, digests["sha256"])
 
 
@@ -227,7 +216,7 @@ class _PartialFile:
             remove(self.location.url)
 
 
-def _copy_once(src: _Location, sink: _PartialFile, size: Optional[int], chunk_bytes: int, bar: tqdm) -> None:
+def _copy_once(src: _Location, sink: _PartialFile, size: Optional[int], chunk_bytes: int) -> None:
     """One attempt: opens the source at `sink.offset` and streams it to the end into `sink`."""
     if size is not None and sink.offset == size:
         return
@@ -235,10 +224,9 @@ def _copy_once(src: _Location, sink: _PartialFile, size: Optional[int], chunk_by
         if start != sink.offset:
             log.warning("%s: the server ignored the Range request; restarting from byte 0", src.url)
             sink.restart()
-            bar.reset(total=size)
         while chunk := stream.read(chunk_bytes):
             sink.write(chunk)
-            bar.update(len(chunk))
+            progress.advance(at=sink.offset)
     if size is not None and sink.offset < size:
         raise IncompleteRead(f"the stream ended after {sink.offset} of {size} bytes")
 

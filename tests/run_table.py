@@ -47,7 +47,7 @@ def table_step(
         with open(Path(config.run_root) / CALLS, "a", encoding="utf-8") as handle:
             handle.write(text + "\n")
 
-    def work(config, progress: bool) -> dict:
+    def work(config) -> dict:
         if (Path(config.run_root) / f"fail-{name}").exists():
             raise ShowtellError(f"{name} was told to fail\nsecond line")
         if (Path(config.run_root) / f"crash-{name}").exists():

@@ -64,7 +64,7 @@ def test_a_run_with_wait_proceeds_once_the_other_run_is_done(root):
 
 
 def test_a_run_that_lost_its_lock_stops_without_writing_the_manifest_again(root):
-    def taken_over(config, progress):
+    def taken_over(config):
         thief = {"run_id": "thief", "host": "elsewhere", "boot_id": "", "pid": 1, "started": "t", "command": "x"}
         (Path(config.run_root) / LOCK_FILE).write_text(json.dumps({**thief, "heartbeat": time.time()}))
         time.sleep(0.5)  # a few heartbeats: the lock is found lost

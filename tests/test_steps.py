@@ -88,7 +88,7 @@ def test_the_promote_step_offers_the_export_with_its_best_metrics_and_records_th
     _evaluated_and_exported(root, 0.5)
     config = run_config(root)
 
-    summary = promote_step.work(config, False)
+    summary = promote_step.work(config)
 
     assert summary["decision"] == "promoted" and (summary["new_value"], summary["current_value"]) == (0.5, None)
     assert summary["model"] == str(root / "models" / "current")
@@ -96,11 +96,11 @@ def test_the_promote_step_offers_the_export_with_its_best_metrics_and_records_th
     assert (root / "models" / "current" / "saved_model.pb").read_text() == "model scoring 0.5"
 
     _evaluated_and_exported(root, 0.4)
-    assert promote_step.work(config, False)["decision"] == "held_back"
+    assert promote_step.work(config)["decision"] == "held_back"
 
 
 def test_the_promote_step_refuses_a_models_root_that_is_the_run_root(root):
     _evaluated_and_exported(root, 0.5)
 
     with pytest.raises(ShowtellError, match="is the run_root itself"):
-        real_step("promote").work(run_config(root, f"promote.models_root={root}"), False)
+        real_step("promote").work(run_config(root, f"promote.models_root={root}"))
