@@ -58,6 +58,7 @@ LOGS_DIR = "logs"  # logs/<step>.log: everything a step's engines printed (Ray, 
 EXPORT_DIR = "export"  # the SavedModel of the best checkpoint
 BEST_DIR = "best"  # best/final/: the best checkpoint published, when it is an intermediate one
 DECISION_FILE = "promote.json"  # this run's promotion decision
+RUN_REPORT_FILE = "report.html"  # <run_root>/report.html: the whole run on one page (orchestration/run_report.py)
 MODELS_DIR = "models"  # promote.models_root when it is null
 
 # --- promotion: <models_root>/ ---------------------------------------------------------------------
