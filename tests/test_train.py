@@ -8,6 +8,7 @@ phases (`two_phases`), to keep the file near 3-4 minutes on a 2-core machine.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -21,6 +22,8 @@ import pytest
 import yaml
 
 from orchestration.cli import main as cli_main
+from schemas import progress
+from schemas.config import load_config
 from trainer import checkpoints as ckpt
 
 pytestmark = pytest.mark.slow
@@ -253,7 +256,13 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def two_phases(ray_cluster, data_dir, tmp_path_factory):
+def display() -> io.StringIO:
+    """What `two_phases`' progress displays printed for parts 2 and 3: plain lines, as off a terminal."""
+    return io.StringIO()
+
+
+@pytest.fixture(scope="module")
+def two_phases(ray_cluster, data_dir, display, tmp_path_factory):
     """The whole story on one run root, each part asserted by a test below:
 
     1. phase 1 to 6 steps, with rank 1 SIGKILLed from outside (`WorkerKiller`) once Ray has
@@ -261,7 +270,11 @@ def two_phases(ray_cluster, data_dir, tmp_path_factory):
        group, training resumes from step 3;
     2. phase 1 re-run with `steps: 9`: a half-finished phase resumes from step 6;
     3. phase 2 (4 steps) from phase 1's final checkpoint.
+
+    Parts 2 and 3 run through `run_phase` with the progress display on `display`.
     """
+    from trainer.launcher import run_phase
+
     tmp_path = tmp_path_factory.mktemp("two_phases")
     run_root = _run_root(tmp_path, data_dir)
     config = _config_file(
@@ -270,8 +283,12 @@ def two_phases(ray_cluster, data_dir, tmp_path_factory):
     with WorkerKiller(run_root / "train" / "phase1", "checkpoint_000000003") as killer:
         assert _train(config, 1, "train.phase1.steps=6") == 0
     first_final = json.loads((_final(run_root, 1) / "state.json").read_text())
-    assert _train(config, 1) == 0
-    assert _train(config, 2) == 0
+    progress.configure(display, bar=False, every=60.0)
+    try:
+        assert run_phase(load_config(str(config)), 1)["ran"]
+        assert run_phase(load_config(str(config)), 2)["ran"]
+    finally:
+        progress.configure(None, bar=False)
     return run_root, config, first_final, killer.killed_pid
 
 
@@ -360,6 +377,18 @@ def test_a_worker_killed_after_the_first_checkpoint_is_replaced_and_the_phase_re
     # The run went on to its 6 steps from the step-3 checkpoint: the first history rows say so.
     assert first_final["step"] == 6
     assert [(row["step"], row["resumed_from_step"]) for row in _history(run_root, 1)[:2]] == [(3, 0), (6, 3)]
+
+
+def test_rank_0s_steps_loss_and_examples_per_sec_reach_the_drivers_display(two_phases, display):
+    lines = display.getvalue().splitlines()  # every=60: each phase's display closed with one line
+    assert len(lines) == 2, lines
+    phase1, phase2 = lines
+    assert " train phase 1: 9/9 steps (100%), " in phase1  # resumed at step 6: the rate counts from there
+    assert " train phase 2: 4/4 steps (100%), " in phase2
+    for line in lines:
+        fields = dict(field.rsplit(" ", 1) for field in line.split("; ", 1)[1].split(", "))
+        assert set(fields) == {"loss", "examples/s"} and float(fields["examples/s"]) > 0, line
+        assert 0 < float(fields["loss"]) < 10, line
 
 
 def test_progress_line_formats_a_report():

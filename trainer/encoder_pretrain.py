@@ -19,6 +19,7 @@ from collections import deque
 
 import tensorflow as tf
 
+from schemas import progress
 from schemas.errors import ShowtellError
 
 log = logging.getLogger("showtell.train")
@@ -43,7 +44,8 @@ def pretrain_encoder(
 ) -> float:
     """Trains `model.encoder` for `steps` global steps on `batches` (the phase's distributed
     iterator) and returns the last `LOG_EVERY` steps' mean loss, logging it every `LOG_EVERY`
-    steps if `log_progress` (one worker of many is enough). The encoder is left trainable
+    steps and showing each step on the progress display (`schemas.progress`) if `log_progress`
+    (one worker of many is enough). The encoder is left trainable
     or not as it was; its batch norms keep the statistics they learned.
 
     Gradients are averaged over the replicas (every replica holds the same number of captions),
@@ -86,6 +88,8 @@ def pretrain_encoder(
                     f"encoder pretraining: loss is {loss} at step {step} (learning rate {learning_rate:g})"
                 )
             recent.append(loss)
+            if log_progress:
+                progress.advance(at=step, **{"encoder pretraining loss": sum(recent) / len(recent)})
             if log_progress and (step % LOG_EVERY == 0 or step == steps):
                 log.info(
                     "encoder pretraining: step %d/%d, caption-word loss %.4f", step, steps, sum(recent) / len(recent)

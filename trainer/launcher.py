@@ -8,6 +8,12 @@ The per-worker loop is `trainer.train_loop.train_loop_per_worker`. The run's sto
 with the same names resumes from Ray's latest checkpoint there, and a phase whose `final/` already
 holds `train.phaseN.steps` steps is not run again. After `fit`, the driver publishes Ray's latest
 checkpoint as `<run_root>/train/phaseN/final/` (see `trainer.checkpoints`).
+
+While `fit` runs, the driver shows the phase's progress display (`schemas.progress`): step out of
+total (phase 1's encoder pretraining steps counted first), loss, examples/s and time left, as rank
+0 reports them through the display's spool, named in the workers' runtime_env. `ProgressLine`
+prints a line per report on Ray's controller, which goes where Ray's output goes (under
+`showtell run`, the step's log).
 """
 from __future__ import annotations
 
@@ -16,10 +22,11 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from ray.train import UserCallback
 
+from schemas import progress
 from schemas.config import Config, join_url
 from schemas.errors import ShowtellError
 from schemas.layout import FINAL_DIR, HISTORY_FILE, PREPROCESS_REPORT_FILE
@@ -109,8 +116,9 @@ def run_phase(config: Config, phase: int) -> dict:
         return _summary(phase, phase_dir, published, ran=False)
     plan = plan_phase(config, phase)
     started = time.time()
-    with ray_cluster(plan.job.cfg):
-        result = _fit(plan)
+    display = progress.tracked(f"train phase {phase}", total=plan.job.pretrain_steps + plan.steps, unit="steps")
+    with ray_cluster(plan.job.cfg), display as spool:
+        result = _fit(plan, spool)
     outcome = result.return_value or {}
     if outcome.get("error"):
         raise TrainingDivergedError(outcome["error"])
@@ -138,7 +146,7 @@ def _summary(phase: int, phase_dir: str, state: dict, ran: bool) -> dict:
     }
 
 
-def _fit(plan: PhasePlan):
+def _fit(plan: PhasePlan, progress_spool: Optional[str]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -160,7 +168,7 @@ def _fit(plan: PhasePlan):
             checkpoint_config=CheckpointConfig(num_to_keep=phase_cfg.checkpoints_kept),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             callbacks=[ProgressLine(plan.job.phase, plan.steps)],
-            worker_runtime_env={"env_vars": _worker_env()},
+            worker_runtime_env={"env_vars": _worker_env(progress_spool)},
         ),
     )
     try:
@@ -169,9 +177,13 @@ def _fit(plan: PhasePlan):
         raise ShowtellError(f"phase {plan.job.phase}: {_describe_failure(error)}") from error
 
 
-def _worker_env() -> dict[str, str]:
-    """Workers don't inherit the driver's environment: quiet TensorFlow's C++ logs there too."""
-    return {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+def _worker_env(progress_spool: Optional[str] = None) -> dict[str, str]:
+    """Workers don't inherit the driver's environment: quiet TensorFlow's C++ logs there too, and
+    name the progress display's spool (`schemas.progress.SPOOL_ENV`) when there is one."""
+    env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    if progress_spool is not None:
+        env[progress.SPOOL_ENV] = progress_spool
+    return env
 
 
 def _describe_failure(error: Exception) -> str:
@@ -239,7 +251,8 @@ def ray_cluster(config: Config) -> Iterator[None]:
 
 class ProgressLine(UserCallback):
     """Prints one line per report: on Ray's controller, which sits on the driver's node and whose
-    output Ray forwards to the driver's console."""
+    output Ray forwards to the driver's stdout (under `showtell run`, the step's log; the console
+    shows the progress display instead)."""
 
     def __init__(self, phase: int, steps: int):
         self.phase, self.steps = phase, steps

@@ -14,6 +14,9 @@ The helpers below it hold the details:
   `{"error": ...}` as the return value and no checkpoint, and the launcher turns that into an error.
 - A fresh phase 1 with `encoder_pretrain_steps` first pretrains the encoder on caption words
   (`trainer.encoder_pretrain`); a resumed one already holds that encoder in its checkpoint.
+- Rank 0 reports every step to the driver's progress display (`schemas.progress`): the phase's
+  step (after phase 1's encoder pretraining steps, which the display counts first), its loss and
+  examples/s. Other ranks report nothing.
 - Restore order: Ray's latest checkpoint of this phase (weights, optimizer, step, history), else
   for phase 2 phase 1's published `final/` weights, else fresh weights. The data pipeline is not
   restored: a resumed run reshuffles with a seed that includes the step it resumed from.
@@ -33,6 +36,7 @@ import tempfile
 import time
 from typing import Optional
 
+from schemas import progress
 from schemas.config import Config, join_url
 from schemas.errors import ShowtellError
 from schemas.layout import HISTORY_FILE, TENSORBOARD_DIR, WEIGHTS_FILE
@@ -66,6 +70,12 @@ class TrainJob:
     def phase_cfg(self):
         return self.cfg.train.phase(self.phase)
 
+    @property
+    def pretrain_steps(self) -> int:
+        """Encoder pretraining steps a fresh phase 1 takes before its own (0 for phase 2); the
+        phase's progress display counts them first."""
+        return self.phase_cfg.encoder_pretrain_steps if self.phase == 1 else 0
+
 
 @dataclasses.dataclass
 class TrainState:
@@ -95,7 +105,7 @@ def train_loop_per_worker(config: dict) -> dict:
     state = restore(job, model, optimizer, checkpoint)
     batches = iter(distributed_dataset(strategy, job, state.step))
     sync_statistics = make_statistics_sync(strategy, model)
-    if checkpoint is None and job.phase == 1 and job.phase_cfg.encoder_pretrain_steps:
+    if checkpoint is None and job.pretrain_steps:
         try:
             pretrain_encoder(strategy, model, batches, steps=job.phase_cfg.encoder_pretrain_steps,
                              learning_rate=job.phase_cfg.encoder_pretrain_learning_rate, vocab_size=job.vocab_size,
@@ -105,6 +115,8 @@ def train_loop_per_worker(config: dict) -> dict:
         sync_statistics()
     train_step = make_train_step(strategy, model, optimizer, job)
     reporter = Reporter(job, state, rank)
+    if rank == 0:  # where this attempt starts: the rate counts from here
+        progress.advance(at=job.pretrain_steps + state.step)
     while state.step < job.phase_cfg.steps:
         loss, grad_norm = train_step(batches)
         state.step += 1
@@ -273,7 +285,8 @@ class Reporter:
         self._tensorboard = TensorBoardWriter(join_url(job.phase_dir, TENSORBOARD_DIR)) if rank == 0 else None
 
     def record_step(self, step: int, loss: float, grad_norm: float) -> Optional[str]:
-        """Keeps the step's loss; returns an error message if it is not finite."""
+        """Keeps the step's loss; returns an error message if it is not finite. Rank 0 shows the
+        step on the progress display, with the mean loss and examples/s since the last report."""
         if not math.isfinite(loss):
             lr = _learning_rate(self.job, step - 1)
             return (
@@ -282,6 +295,13 @@ class Reporter:
             )
         self._losses.append(loss)
         self._norms.append(grad_norm)
+        if self.rank == 0:
+            examples_per_sec = self.job.global_batch * len(self._losses) / max(time.time() - self._since, 1e-9)
+            progress.advance(
+                at=self.job.pretrain_steps + step,
+                loss=sum(self._losses) / len(self._losses),
+                **{"examples/s": examples_per_sec},
+            )
         return None
 
     def is_due(self, step: int) -> bool:
