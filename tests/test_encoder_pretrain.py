@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from schemas import progress
 from schemas.config import Model
 from schemas.errors import ShowtellError
 from schemas.records import encode_sequence_example, shard_name
@@ -84,6 +85,24 @@ def test_pretraining_trains_a_frozen_encoder_to_see_the_caption_words(coloured_r
     # 1/3, a cross-entropy of H(1/3) on three of the eight outputs. Seeing colours beats that.
     blind_best = 3 * -(np.log(1 / 3) / 3 + np.log(2 / 3) * 2 / 3) / VOCAB_SIZE
     assert final_loss < blind_best, (final_loss, blind_best)
+
+
+def test_pretraining_shows_its_steps_and_loss_on_the_progress_display(coloured_records):
+    model = build_model(SMALL, VOCAB_SIZE)
+    batches = iter(make_dataset(coloured_records, image_size=SMALL.image_size, batch_size=12, training=True))
+    display = io.StringIO()
+    progress.configure(display, bar=False, every=60.0)
+    try:
+        with progress.tracked("train phase 1", total=5, unit="steps"):
+            loss = pretrain_encoder(
+                tf.distribute.get_strategy(), model, batches, steps=5, learning_rate=0.1, vocab_size=VOCAB_SIZE
+            )
+    finally:
+        progress.configure(None, bar=False)
+
+    (line,) = display.getvalue().splitlines()
+    assert " train phase 1: 5/5 steps (100%), " in line
+    assert line.endswith(f"; encoder pretraining loss {loss:.4g}")
 
 
 def test_a_diverging_pretraining_is_a_clear_error(coloured_records):
