@@ -67,6 +67,7 @@ _CSS = (
 .missing { color: #8a5a00; background: #fff8e6; border-left: 3px solid #e0a800; padding: 4px 8px; }
 .error { color: #a00; }
 table.metrics td.files { text-align: left; font-family: monospace; font-size: 12px; }
+table.metrics th.text, table.metrics th.files { text-align: left; }
 nav a { margin-right: 12px; }
 """
 )
@@ -84,8 +85,9 @@ def _missing(text: str) -> str:
 def _html_table(header: Optional[Sequence[str]], rows: Sequence[Sequence[str]], classes: dict[int, str]) -> str:
     """A table in eval/report.html's style, with a CSS class per column index (`text`: left-aligned);
     the cells are HTML already (escape them first)."""
-    head = "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr></thead>" if header else ""
     cell = {i: f' class="{name}"' for i, name in classes.items()}
+    head = "".join(f"<th{cell.get(i, '')}>{_e(h)}</th>" for i, h in enumerate(header or ()))
+    head = f"<thead><tr>{head}</tr></thead>" if header else ""
     body = "".join(
         "<tr>" + "".join(f"<td{cell.get(i, '')}>{c}</td>" for i, c in enumerate(row)) + "</tr>" for row in rows
     )
