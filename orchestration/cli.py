@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from typing import Callable, ContextManager, Iterator, Sequence, TypeVar
+from typing import Callable, ContextManager, Iterator, Optional, Sequence, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -178,24 +178,44 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from orchestration.run import run_pipeline
     from orchestration.run_text import format_outcomes, format_results
-    from orchestration.step_log import open_console
+    from orchestration.step_log import StepFailedError, open_console
     from schemas.config import load_dated_config
 
     config = load_dated_config(args.config, args.overrides, args.date)
-    result = run_pipeline(
-        config,
-        until=args.until,
-        start=args.start,
-        force=args.force,
-        wait=args.wait,
-        echo_to=open_console() if args.verbose else None,
-    )
+    try:
+        result = run_pipeline(
+            config,
+            until=args.until,
+            start=args.start,
+            force=args.force,
+            wait=args.wait,
+            echo_to=open_console() if args.verbose else None,
+        )
+    except StepFailedError:
+        _write_run_report(config)  # the failed step, its error and its log are on it too
+        raise
+    report = _write_run_report(config)
     if not args.quiet:
         print(format_outcomes(result))
         results = format_results(config, result)
         if results:
             print(results)
+        if report:
+            print(f"run report: {report}")
     return 0
+
+
+def _write_run_report(config: Config) -> Optional[str]:
+    """`<run_root>/report.html` at the end of a run; a report that cannot be written is a
+    warning, not a failed run (the steps' outputs are what counts)."""
+    from orchestration.run_report import write_run_report
+    from orchestration.step_log import error_line
+
+    try:
+        return write_run_report(config)
+    except Exception as error:  # any: the run's own result stands
+        logging.getLogger("showtell.run").warning("the run report was not written: %s", error_line(error))
+        return None
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -63,6 +63,8 @@ def test_a_quiet_run_whose_step_fails_by_a_users_mistake_prints_one_line_naming_
         f"{tmp_path / 'nowhere/annotations/annotations_trainval2014.zip'}: not found (log: {log})"
     ]
     assert "Traceback (most recent call last)" in log.read_text()  # the details are in the log
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "download" in report and "failed" in report and "logs/download.log" in report
 
 
 def test_a_step_subcommand_run_alone_logs_under_run_root_and_fails_in_one_line_too(tmp_path):
@@ -98,6 +100,7 @@ def test_without_quiet_the_same_run_names_its_step_and_ends_with_a_summary(tmp_p
         f"step download: done in {_seconds_in(done.stderr, 'done in ')} s",
     ]
     assert "download" in done.stdout
+    assert done.stdout.splitlines()[-1] == f"run report: {tmp_path / 'run' / 'report.html'}"
 
 
 def _seconds_in(text: str, after: str = "failed after ") -> str:
