@@ -23,6 +23,9 @@ loaded into it) and one METEOR process for all the checkpoints it gets.
 
 The split is read once for the references (text only, small enough for a side input: MSCOCO's
 test split is ~20,000 captions) and streamed again by each checkpoint for its images.
+
+While the pipeline runs, the driver's progress display (`schemas.progress`) shows the checkpoints
+evaluated out of all, and the checkpoint a worker is on with its images captioned so far.
 """
 
 from __future__ import annotations
@@ -48,14 +51,15 @@ from pipelines.eval_report import build_report, checkpoint_order, write_report
 from schemas.config import Config, join_url
 from schemas.errors import ShowtellError
 from schemas.layout import EVAL_REPORT_FILE, FINAL_DIR, PREPROCESS_REPORT_FILE, STATE_FILE
+from schemas.progress import advance, tracked
 from schemas.storage import publish_dir, read_json, read_text
 from schemas.vocabulary import WORD_COUNTS_FILE
 from trainer import checkpoints as ckpt
 
 log = logging.getLogger("showtell.evaluate")
-# One line per evaluated checkpoint, written by the worker straight to its stderr: a local
-# runner's workers share the driver's terminal and remote runners keep their workers' stderr,
-# while Beam's own log forwarding drops INFO lines on a local run.
+# One line per evaluated checkpoint, written by the worker straight to its stderr (under `showtell
+# run`, the step's log; the console shows the progress display): remote runners keep their
+# workers' stderr, while Beam's own log forwarding drops INFO lines on a local run.
 progress = logging.getLogger("showtell.evaluate.progress")
 
 FINAL, INTERMEDIATE = "final", "intermediate"  # the two kinds of checkpoint
@@ -80,6 +84,7 @@ class EvalPlan:
     checkpoints: tuple[CheckpointRef, ...]  # what to evaluate
     split: str  # the split evaluated
     files: tuple[str, ...]  # its shards
+    images: int  # the images each checkpoint captions: the split's, or the first `eval.max_images`
     model: dict  # config.model as JSON: builds intermediate checkpoints (they hold weights only)
     word_counts_url: str  # `<data_dir>/word_counts.txt`: the vocabulary of intermediate checkpoints
     eval: dict  # config.eval as JSON
@@ -137,10 +142,12 @@ def plan_from_config(config: Config, output_dir: str) -> EvalPlan:
     if not checkpoints:
         raise ShowtellError(f"no checkpoints under {config.train_dir}: run `showtell train --phase 1` first")
     check_java()
+    split_images_written = preprocess_report["splits"][split]["images"]["written"]
     return EvalPlan(
         checkpoints=tuple(checkpoints),
         split=split,
         files=tuple(shard_files(config.data_dir, split)),
+        images=min(config.eval.max_images or split_images_written, split_images_written),
         model=config.model.model_dump(mode="json"),
         word_counts_url=join_url(config.data_dir, WORD_COUNTS_FILE),
         eval=config.eval.model_dump(mode="json"),
@@ -225,6 +232,8 @@ def evaluate_checkpoint(
 
     options = {k: settings[k] for k in ("beam_size", "max_caption_length", "length_normalization", "batch_size")}
     image_size = model.model_cfg.image_size
+    shown = f"phase {ref.phase} {ref.kind} step {ref.step}"
+    advance(0, checkpoint=shown, images=f"0/{plan.images}")
     perplexity = model_perplexity(model, list(plan.files), image_size, batch_size=settings["batch_size"])
     captions = []
     images = split_images(plan.files, settings["max_images"])
@@ -233,6 +242,7 @@ def evaluate_checkpoint(
         for image_id, beams in zip(ids, captioner.caption(jpegs, **options)):
             sentence, p = _best(beams)
             captions.append({"image_id": image_id, "caption": sentence, "p": p, "references": references[image_id]})
+        advance(0, checkpoint=shown, images=f"{len(captions)}/{plan.images}")
     blind_sentence, blind_p = _best(captioner.caption([blank_jpeg(image_size)], **options)[0])
 
     # One tokenizer run for the references, the captions and the blind caption.
@@ -302,6 +312,7 @@ class EvaluateCheckpointFn(beam.DoFn):
     def process(self, ref: CheckpointRef, references: dict[int, list[str]]) -> Iterator[dict]:
         result = evaluate_checkpoint(ref, references, self._plan, self._loader, self._scorer)
         (self._ok if result["status"] == "ok" else self._failed).inc()
+        advance()  # one more checkpoint evaluated (or failed), on the driver's display
         yield result
 
     def teardown(self) -> None:
@@ -362,8 +373,10 @@ def run_evaluate(config: Config) -> dict:
         )
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         started = time.time()
-        with beam.Pipeline(options=pipeline_options(config.beam, job_name=f"showtell-evaluate-{run_id}")) as pipeline:
-            build_evaluate_pipeline(pipeline, plan, created)
+        options = pipeline_options(config.beam, job_name=f"showtell-evaluate-{run_id}")
+        with tracked("evaluate", total=len(plan.checkpoints), unit="checkpoints"):
+            with beam.Pipeline(options=options) as pipeline:
+                build_evaluate_pipeline(pipeline, plan, created)
         report = read_json(join_url(staging, EVAL_REPORT_FILE))
     log.info("evaluate: %d checkpoints in %.1f s", len(report["checkpoints"]), time.time() - started)
     if report["best"] is None:

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -319,3 +320,51 @@ def test_no_loadable_checkpoint_is_an_error_after_the_report_is_written(demo_run
     report = json.loads((root / "eval" / EVAL_REPORT_FILE).read_text())
     assert report["counts"] == {"checkpoints": 1, "ok": 0, "failed": 1} and report["best"] is None
     assert not (root / "eval" / BEST_FILE).exists()
+
+
+@pytest.fixture(scope="module")
+def untrained_run(tmp_path_factory):
+    """A tiny preprocessed sample (2 test images) and three kept phase 1 checkpoints: two of untrained
+    weights, one without its weights file (it fails to load)."""
+    from pipelines.preprocess import run_preprocess
+    from pipelines.sample_data import generate_sample_data
+    from trainer import checkpoints as ckpt
+
+    root = tmp_path_factory.mktemp("untrained") / "run"
+    generate_sample_data(str(root / "raw"), train_images=20, val_images=20, seed=0, image_size=64)
+    model = {"encoder": "mobilenet_v3_small", "image_size": 64, "encoder_weights": "none"}
+    config = build_config(
+        {
+            "run_root": str(root),
+            "model": {**model, "embedding_size": 16, "num_lstm_units": 16},
+            "data": {"shards": {"train": 1, "val": 1, "test": 1}},
+            "beam": {"direct_num_workers": 2},
+            "eval": {"batch_size": 1, "beam_size": 2, "max_caption_length": 5, "report_images": 1},
+        }
+    )
+    run_preprocess(config)
+    untrained = ckpt.build_inference_model(config.model, (root / "data" / "word_counts.txt").read_text())
+    state = {"fingerprint": ckpt.weights_fingerprint(untrained)}
+    for step in (1, 2, 3):
+        folder = root / "train" / "phase1" / f"checkpoint_{step:09d}"
+        folder.mkdir(parents=True)
+        if step != 3:
+            untrained.save_weights(str(folder / WEIGHTS_FILE))
+        (folder / "state.json").write_text(json.dumps({**state, "step": step}))
+    return config
+
+
+@pytest.mark.slow
+def test_progress_shows_checkpoints_evaluated_of_all_and_the_images_captioned(untrained_run):
+    from schemas import progress
+
+    display = io.StringIO()
+    progress.configure(display, bar=False, every=60.0)
+    try:
+        run_evaluate(untrained_run)
+    finally:
+        progress.configure(None, bar=False)
+
+    line = display.getvalue().splitlines()[-1]  # the line the display closed with
+    assert " evaluate: 3/3 checkpoints (100%), " in line  # the one that failed to load counts too
+    assert re.search(r"; checkpoint phase 1 intermediate step [12], images 2/2$", line), line
