@@ -29,6 +29,7 @@ import tensorflow as tf
 import yaml
 
 from inference.beam_search import beam_search
+from schemas import progress
 from schemas.config import join_url
 from schemas.errors import ShowtellError
 from schemas.layout import CONFIG_FILE, EXPORT_METADATA_FILE, SAVED_MODEL_FILE, STATE_FILE, WEIGHTS_FILE
@@ -169,7 +170,7 @@ class Captioner:
                 length_normalization=length_normalization,
             ):
                 results.append([(self.sentence(c.word_ids), c.prob) for c in captions])
-            log.info("captioned %d of %d images", len(results), len(images))
+            log.debug("captioned %d of %d images", len(results), len(images))
         return results
 
     def sentence(self, word_ids: Sequence[int]) -> str:
@@ -182,11 +183,14 @@ class Captioner:
         )
 
 
-def caption_files(captioner: Captioner, paths: Sequence[str], **search: Any) -> list[dict[str, Any]]:
+def caption_files(
+    captioner: Captioner, paths: Sequence[str], *, batch_size: int = 64, **search: Any
+) -> list[dict[str, Any]]:
     """Per path, in order, {"path", "captions": [{"sentence", "p"}, ...]} (best first) or
     {"path", "error"}. Every file is read (any fsspec URL) and checked on its own first, so a
     missing, unreadable or non-image file gets its error and the others still get captions.
-    `search`: Captioner.caption's keyword arguments."""
+    `batch_size` and `search`: Captioner.caption's keyword arguments. A progress display
+    (`schemas.progress`) counts the images captioned."""
     results: list[dict[str, Any]] = []
     readable: list[tuple[dict[str, Any], bytes]] = []
     for path in paths:
@@ -199,7 +203,13 @@ def caption_files(captioner: Captioner, paths: Sequence[str], **search: Any) -> 
             result["error"] = str(error)
             continue
         readable.append((result, data))
-    captions = captioner.caption([data for _, data in readable], **search)
+    images = [data for _, data in readable]
+    captions: list[list[tuple[str, float]]] = []
+    with progress.tracked("caption", total=len(images), unit="images"):
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            captions += captioner.caption(batch, batch_size=batch_size, **search)
+            progress.advance(len(batch))
     for (result, _), image_captions in zip(readable, captions):
         result["captions"] = [{"sentence": sentence, "p": p} for sentence, p in image_captions]
     return results

@@ -14,7 +14,8 @@ report to it with `advance`:
     advance(at=400, loss=2.31)          # the work is at 400 of its total (latest report wins), with a field
 
 On a terminal (`bar=True`) the display is a tqdm bar. Off a terminal (cron, Kubeflow, a pipe) it
-is a plain line at most once every `every` seconds, and a last one when the display closes:
+is a plain line at most once every `every` seconds, and a last one when the display closes
+(unless the line before it showed the same counts):
 
     2025-05-01 12:00:30 preprocess: 250/500 images (50%), 8.33 images/s, 00:30 elapsed, 00:30 left
 
@@ -211,6 +212,7 @@ class _Display:
         self.name, self.total, self.unit, self.stream, self.every, self.spool = name, total, unit, stream, every, spool
         self.started = self.last_line = time.monotonic()
         self.done, self.fields = 0, {}
+        self.shown: Optional[tuple[int, dict]] = None  # (done, fields) as the last line showed them
         self.first: Optional[tuple[float, int]] = None  # (when, done) at the first report read
         self.reached: Optional[float] = None  # when done first reached the total (the rate stops there)
         self.bar = _Bar(total=total, unit=unit, desc=name, file=stream, dynamic_ncols=True) if bar else None
@@ -230,7 +232,7 @@ class _Display:
         if self.bar is not None:
             self._show_bar()
             self.bar.close()
-        else:
+        elif self.shown != (self.done, self.fields):  # else the last periodic line said it all
             self._write_line()
 
     def _poll(self) -> None:
@@ -262,10 +264,13 @@ class _Display:
             self.reached = time.monotonic()
 
     def _rate(self) -> Optional[float]:
-        """Units per second since the first report; None until there is one to go by."""
+        """Units per second since the first report; None until there is one to go by. Work whose
+        first report read already had it all done (a short one) is timed from the display's start."""
         if self.first is None:
             return None
         since, done_then = self.first
+        if self.done == done_then and self.reached is not None:
+            since, done_then = self.started, 0
         seconds = (self.reached or time.monotonic()) - since
         return (self.done - done_then) / seconds if seconds > 0 and self.done > done_then else None
 
@@ -292,4 +297,4 @@ class _Display:
         fields = self._fields_text()
         self.stream.write(f"{line}; {fields}\n" if fields else f"{line}\n")
         self.stream.flush()
-        self.last_line = now
+        self.last_line, self.shown = now, (self.done, self.fields)

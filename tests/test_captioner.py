@@ -149,7 +149,9 @@ def test_caption_cli_prints_captions_and_showtells_lines_only_keeping_tensorflow
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True)
 
     assert done.stdout.splitlines()[0] == f"Captions for image {image_files['jpeg']}:"
-    assert done.stderr and all(" INFO showtell.caption: " in line for line in done.stderr.splitlines())
+    loading, *others, shown = done.stderr.splitlines()
+    assert " INFO showtell.caption: loading the final/ checkpoint at " in loading and others == []
+    assert re.fullmatch(r"\S+ \S+ caption: 1/1 images \(100%\), .* elapsed, 00:00 left", shown)  # the display
     assert ENGINE_INTERNALS.search((tmp_path / "showtell" / "caption.log").read_text())
 
 
