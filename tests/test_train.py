@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -377,6 +378,27 @@ def test_a_worker_killed_after_the_first_checkpoint_is_replaced_and_the_phase_re
     # The run went on to its 6 steps from the step-3 checkpoint: the first history rows say so.
     assert first_final["step"] == 6
     assert [(row["step"], row["resumed_from_step"]) for row in _history(run_root, 1)[:2]] == [(3, 0), (6, 3)]
+
+
+def test_a_worker_killed_with_no_failures_allowed_fails_the_phase_with_exit_1_and_one_line_naming_the_log(
+    two_phases, data_dir, tmp_path, capsys
+):
+    run_root = _run_root(tmp_path, data_dir)
+    config = _config_file(tmp_path, run_root, {"steps": 6, "checkpoint_every": 3}, max_failures=0)
+    capsys.readouterr()
+
+    with WorkerKiller(run_root / "train" / "phase1", "checkpoint_000000003"):
+        code = _train(config, 1)
+
+    log = run_root / "logs" / "train-phase1.log"
+    line = _error_line(capsys.readouterr())
+    assert code == 1  # a dead worker is not the user's mistake (that is 2)
+    assert re.fullmatch(
+        rf"showtell train: error: step train-phase1 failed after [\d.]+ s: TrainingFailed: phase 1: "
+        rf"training failed \(.+\) \(log: {re.escape(str(log))}\)",
+        line,
+    ), line
+    assert "Traceback (most recent call last)" in log.read_text() and not _final(run_root, 1).exists()
 
 
 def test_rank_0s_steps_loss_and_examples_per_sec_reach_the_drivers_display(two_phases, display):

@@ -41,6 +41,11 @@ class TrainingDivergedError(ShowtellError):
     """The loss became NaN or infinite; the message names the phase and step."""
 
 
+class TrainingFailed(RuntimeError):
+    """A phase stopped for a reason that is not the user's: a worker died (or a node was lost)
+    more often than `ray.max_failures` allows, or a bug. The CLI exits 1 for it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PhasePlan:
     job: TrainJob  # what every worker gets
@@ -174,7 +179,10 @@ def _fit(plan: PhasePlan, progress_spool: Optional[str]):
     try:
         return trainer.fit()
     except TrainingFailedError as error:
-        raise ShowtellError(f"phase {plan.job.phase}: {_describe_failure(error)}") from error
+        mistake = _users_mistake(error)
+        if mistake is not None:
+            raise ShowtellError(f"phase {plan.job.phase}: {mistake}") from error
+        raise TrainingFailed(f"phase {plan.job.phase}: {_describe_failure(error)}") from error
 
 
 def _worker_env(progress_spool: Optional[str] = None) -> dict[str, str]:
@@ -186,21 +194,28 @@ def _worker_env(progress_spool: Optional[str] = None) -> dict[str, str]:
     return env
 
 
-def _describe_failure(error: Exception) -> str:
-    """One line out of Ray's TrainingFailedError: a worker's ShowtellError as is, else the last
-    line of each worker's error (Ray has logged the tracebacks above)."""
+def _worker_causes(error: Exception) -> list[tuple[int, BaseException]]:
+    """(rank, the exception that ended it) for each failed worker of Ray's TrainingFailedError."""
     failures = getattr(error, "worker_failures", None) or {}
+    return [(rank, getattr(failure, "cause", None) or failure) for rank, failure in sorted(failures.items())]
+
+
+def _users_mistake(error: Exception) -> Optional[str]:
+    """A worker's ShowtellError (bad data or config, seen by the worker), if that is what ended it."""
+    return next((str(cause) for _, cause in _worker_causes(error) if isinstance(cause, ShowtellError)), None)
+
+
+def _describe_failure(error: Exception) -> str:
+    """One line out of Ray's TrainingFailedError: the last line of each worker's error (Ray has
+    logged the tracebacks, in the step's log under `showtell run`)."""
     parts = []
-    for rank, failure in sorted(failures.items()):
-        cause = getattr(failure, "cause", None) or failure
-        if isinstance(cause, ShowtellError):
-            return str(cause)
+    for rank, cause in _worker_causes(error):
         lines = [line for line in str(cause).splitlines() if line.strip()]
         parts.append(f"rank {rank}: {lines[-1] if lines else type(cause).__name__}")
     if not parts:
         lines = [line for line in str(error).splitlines() if line.strip()]
         parts = lines[-1:] or [type(error).__name__]
-    return "training failed (" + "; ".join(parts) + "); Ray's log above has the details"
+    return "training failed (" + "; ".join(parts) + ")"
 
 
 def ray_storage(train_dir: str) -> tuple[str, Any]:
