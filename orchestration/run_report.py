@@ -34,10 +34,7 @@ import yaml
 
 from orchestration.manifest import Manifest, relative
 from orchestration.steps import decision_file
-from pipelines.eval_report import _CSS as EVAL_CSS
-from pipelines.eval_report import PHASE_COLOURS, find_checkpoint, line_chart
-from pipelines.eval_report import _number as number
-from pipelines.eval_report import _table as metrics_table
+from pipelines.eval_report import PAGE_CSS, PHASE_COLOURS, find_checkpoint, format_number, line_chart, metrics_table
 from schemas.config import Config, join_url
 from schemas.layout import (
     CONFIG_FILE,
@@ -62,7 +59,7 @@ PHASES = (1, 2)
 SPLITS = ("train", "val", "test")
 
 _CSS = (
-    EVAL_CSS
+    PAGE_CSS
     + """
 .missing { color: #8a5a00; background: #fff8e6; border-left: 3px solid #e0a800; padding: 4px 8px; }
 .error { color: #a00; }
@@ -281,8 +278,8 @@ def _training_section(config: Config, manifest: Manifest) -> str:
                 _e(_duration(span)),
                 _e(f"{workers} ({source})"),
                 _e(resumed),
-                _e(number(last.get("loss"))),
-                _e(number(last.get("perplexity"), 2)),
+                _e(format_number(last.get("loss"))),
+                _e(format_number(last.get("perplexity"), 2)),
                 _link(history_url, config.run_root, HISTORY_FILE),
             ]
         )
@@ -349,7 +346,7 @@ def _evaluation_section(config: Config, manifest: Manifest) -> str:
         entry = find_checkpoint(report, best["checkpoint"])
         parts.append(
             f"<p><b>best by {_e(best['select_by'])}: phase {_e(entry['phase'])} {_e(entry['kind'])} step "
-            f"{_e(entry['step'])}, {_e(best['select_by'])} {_e(number(best['value']))}</b> "
+            f"{_e(entry['step'])}, {_e(best['select_by'])} {_e(format_number(best['value']))}</b> "
             f'<span class="meta">({_e(entry["url"])})</span></p>'
         )
     else:
@@ -363,7 +360,8 @@ def _promotion_reason(decision: dict) -> str:
     if current is None:
         return "the first model: there was no current model to compare with"
     verdict = ">=" if decision["decision"] == "promoted" else "<"
-    return f"{metric} {number(new, 4)} {verdict} the current model's {number(current, 4)} - tolerance {tolerance:g}"
+    current_text = format_number(current, 4)
+    return f"{metric} {format_number(new, 4)} {verdict} the current model's {current_text} - tolerance {tolerance:g}"
 
 
 def _promotion_section(config: Config, manifest: Manifest) -> str:
@@ -376,8 +374,8 @@ def _promotion_section(config: Config, manifest: Manifest) -> str:
     rows = [
         ["decision", f"<b>{_e(decision['decision'].replace('_', ' '))}</b>"],
         ["reason", _e(_promotion_reason(decision))],
-        [f"new model's {_e(metric)}", _e(number(decision["new_value"], 4))],
-        [f"current model's {_e(metric)}", _e(number(decision["current_value"], 4))],
+        [f"new model's {_e(metric)}", _e(format_number(decision["new_value"], 4))],
+        [f"current model's {_e(metric)}", _e(format_number(decision["current_value"], 4))],
         ["new model", _e(decision["export"])],
         ["promoted model", _e(decision["model"] or "-")],
         ["model that was current", _e(previous.get("location", "-"))],

@@ -90,7 +90,7 @@ def _metric_names(report: dict) -> list[str]:
     return [name for name in METRICS if name in present]
 
 
-def _number(value: Optional[float], digits: int = 3) -> str:
+def format_number(value: Optional[float], digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
@@ -115,7 +115,8 @@ def summarize_report(report: dict, samples: int = 3) -> str:
         if c["status"] != "ok":
             lines.append(f"{head}FAILED: {c['error']}")
             continue
-        row = f"{_number(c['perplexity'], 2):>11}" + "".join(f"{_number(c['metrics'].get(n)):>9}" for n in names)
+        row = f"{format_number(c['perplexity'], 2):>11}"
+        row += "".join(f"{format_number(c['metrics'].get(n)):>9}" for n in names)
         lines.append(head + row + ("   <- best" if c["url"] == best_url else ""))
     if report["best"] is None:
         lines.append("  no checkpoint could be evaluated")
@@ -124,7 +125,8 @@ def summarize_report(report: dict, samples: int = 3) -> str:
     select_by = report["select_by"]
     lines.append(
         f"  best by {select_by}: phase {best['phase']} {best['kind']} step {best['step']} ({best['url']}): "
-        f"{select_by} {_number(best['metrics'][select_by])} vs {_number(best['blind']['metrics'][select_by])} "
+        f"{select_by} {format_number(best['metrics'][select_by])} "
+        f"vs {format_number(best['blind']['metrics'][select_by])} "
         f'for the blind baseline (a blank image: "{best["blind"]["caption"]}")'
     )
     lines.append("  sample captions (best checkpoint):")
@@ -137,7 +139,8 @@ def summarize_report(report: dict, samples: int = 3) -> str:
 # ---------------------------------------------------------------------------------------------
 # report.html
 
-_CSS = """
+# The page's style; the run report (orchestration/run_report.py) builds on it.
+PAGE_CSS = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px; color: #222; }
 h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 18px; margin-top: 28px; }
 .meta { color: #555; font-size: 13px; }
@@ -253,7 +256,7 @@ def _charts(report: dict) -> str:
     return "\n".join(chart for chart in charts if chart)
 
 
-def _table(report: dict) -> str:
+def metrics_table(report: dict) -> str:
     names = _metric_names(report)
     select_by = report["select_by"]
     best_url = report["best"]["checkpoint"]["url"] if report["best"] else None
@@ -270,8 +273,8 @@ def _table(report: dict) -> str:
                 f'<td class="text" colspan="{len(names) + 3}">{html.escape(c["error"])}</td></tr>'
             )
             continue
-        values = [_number(c["perplexity"], 2), *(_number(c["metrics"].get(n)) for n in names)]
-        values += [_number(c["blind"]["metrics"].get(select_by)), f"{c['seconds']:.1f}"]
+        values = [format_number(c["perplexity"], 2), *(format_number(c["metrics"].get(n)) for n in names)]
+        values += [format_number(c["blind"]["metrics"].get(select_by)), f"{c['seconds']:.1f}"]
         css = ' class="best"' if c["url"] == best_url else ""
         cells_html = "".join(f"<td>{v}</td>" for v in values)
         rows.append(f'<tr{css}{title}>{first}<td class="text">ok</td>{cells_html}</tr>')
@@ -324,8 +327,8 @@ def report_html(report: dict, images: Mapping[int, bytes]) -> str:
         best = find_checkpoint(report, report["best"]["checkpoint"])
         best_text = (
             f"best by {select_by}: phase {best['phase']} {best['kind']} step {best['step']}, "
-            f"{select_by} {_number(best['metrics'][select_by])} (blind baseline "
-            f"{_number(best['blind']['metrics'].get(select_by))})"
+            f"{select_by} {format_number(best['metrics'][select_by])} (blind baseline "
+            f"{format_number(best['blind']['metrics'].get(select_by))})"
         )
     else:
         best_text = "no checkpoint could be evaluated"
@@ -336,7 +339,7 @@ def report_html(report: dict, images: Mapping[int, bytes]) -> str:
     )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>showtell evaluation: {html.escape(report["run_root"])}</title>
-<style>{_CSS}</style></head>
+<style>{PAGE_CSS}</style></head>
 <body>
 <h1>showtell evaluation</h1>
 <p class="meta">run {html.escape(report["run_root"])} &middot; {html.escape(report["split"])} split,
@@ -347,7 +350,7 @@ def report_html(report: dict, images: Mapping[int, bytes]) -> str:
 <p class="meta">COCO caption metrics (pycocoevalcap; 0-1, CIDEr 0-10) against all references of each image;
 perplexity is teacher-forced over every record of the split; blind: the caption of a blank image,
 scored as every image's caption.</p>
-{_table(report)}
+{metrics_table(report)}
 <h2>Metrics vs training step</h2>
 <div class="charts">
 {_charts(report)}
