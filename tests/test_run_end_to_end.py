@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,10 @@ TINY = {
     "ray": {"num_workers": 1},
     "eval": {"checkpoints": "final", "max_images": 6, "batch_size": 6, "report_images": 2},
 }
+
+
+PROGRESS_EVERY = 3  # seconds between the resumed run's progress lines (its console is a pipe)
+PROGRESS_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (train phase \d|evaluate|preprocess): (\d+)/(\d+) ")
 
 
 def _cli(config: Path, *args: str) -> list[str]:
@@ -125,7 +130,7 @@ def killed_and_resumed(tmp_path_factory) -> KilledAndResumed:
         first.wait()
     assert _step_state(root, "train-phase1") == RUNNING and (root / LOCK_FILE).exists()
     manifest_at_kill = json.loads((root / MANIFEST_FILE).read_text())
-    resumed = _finish(config)
+    resumed = _finish(config, "--progress-every", str(PROGRESS_EVERY))
     return KilledAndResumed(root, config, refused, history_at_kill, manifest_at_kill, resumed)
 
 
@@ -165,7 +170,10 @@ def test_the_run_ends_with_the_evaluation_summary_and_the_promoted_model(killed_
     root, resumed = killed_and_resumed.root, killed_and_resumed.resumed
     out = resumed.stdout
     assert "evaluation report (" in out and "best by CIDEr" in out
-    assert out.strip().splitlines()[-1] == f"promoted model: {root / 'models' / 'current'} (the first model)"
+    assert out.strip().splitlines()[-2:] == [
+        f"promoted model: {root / 'models' / 'current'} (the first model)",
+        f"run report: {root / 'report.html'}",
+    ]
     assert (root / "models" / "current" / "saved_model.pb").exists()
     decision = json.loads((root / "promote.json").read_text())
     assert decision["decision"] == "promoted" and decision["previous_model"] is None
@@ -184,6 +192,25 @@ def test_the_console_shows_no_ray_or_tensorflow_internals_and_each_steps_log_hol
     assert {"train-phase1.log", "train-phase2.log", "evaluate.log", "export.log", "promote.log"} <= set(logs)
     for phase in ("train-phase1.log", "train-phase2.log"):
         assert ENGINE_INTERNALS.search(logs[phase]), logs[phase][-2000:]  # Ray's lines went to the log
+
+
+@pytest.mark.slow
+def test_piped_the_run_shows_each_long_steps_progress_in_plain_lines_at_a_bounded_rate(killed_and_resumed):
+    root, resumed = killed_and_resumed.root, killed_and_resumed.resumed
+    lines: dict[str, list[tuple[int, int]]] = {}
+    for match in filter(None, map(PROGRESS_LINE.match, resumed.stderr.splitlines())):
+        lines.setdefault(match[1], []).append((int(match[2]), int(match[3])))
+
+    # The resumed run trained phase 1 on from its checkpoint, then phase 2, then evaluated.
+    assert set(lines) == {"train phase 1", "train phase 2", "evaluate"}, resumed.stderr[-3000:]
+    steps = json.loads((root / MANIFEST_FILE).read_text())["steps"]
+    displays = {"train phase 1": "train-phase1", "train phase 2": "train-phase2", "evaluate": "evaluate"}
+    for display, step in displays.items():
+        bound = steps[step]["seconds"] / PROGRESS_EVERY + 1  # one per period, and the last one
+        assert 1 <= len(lines[display]) <= bound, (display, lines[display], steps[step]["seconds"])
+        done, total = lines[display][-1]
+        assert done == total, lines[display]  # the last line shows the work complete
+    assert lines["train phase 1"][-1][1] == 60 and lines["evaluate"][-1][1] == 2
 
 
 @pytest.mark.slow
