@@ -227,6 +227,23 @@ def test_a_changed_eval_key_reruns_evaluate_export_and_promote_only(killed_and_r
 
 
 @pytest.mark.slow
+def test_a_quiet_run_whose_promotion_is_held_back_prints_nothing_and_exits_0(killed_and_resumed):
+    root, config = killed_and_resumed.root, killed_and_resumed.config
+    current = root / "models" / "current" / "model.json"
+    better = json.loads(current.read_text())  # as if another, better model had been promoted since
+    better["metrics"]["CIDEr"], better["export_signature"] = 1000.0, "another model's"
+    current.write_text(json.dumps(better))
+
+    # As the previous test left it (eval.beam_size=2): only promote runs, forced.
+    args = ("--set", "eval.beam_size=2", "--force", "promote", "--quiet")
+    done = subprocess.run(_cli(config, *args), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")  # cron mails nothing: the gate did its job
+    decision = json.loads((root / "promote.json").read_text())
+    assert decision["decision"] == "held_back" and decision["current_value"] == 1000.0
+
+
+@pytest.mark.slow
 def test_an_intermediate_best_checkpoint_is_published_whole_then_exported(killed_and_resumed):
     root, config = killed_and_resumed.root, killed_and_resumed.config
     kept = sorted((root / "train" / "phase1").glob("checkpoint_0*"))[-1]
