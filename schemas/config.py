@@ -198,6 +198,14 @@ class Ray(_Strict):
     use_gpu: bool = False  # one GPU per worker
     resources_per_worker: dict[str, float] = {}  # e.g. {CPU: 4}; Ray's default is 1 CPU
     max_failures: int = Field(0, ge=-1)  # worker failures survived by restarting from the last checkpoint (-1: forever)
+    # A cluster showtell joins (ray.address, $RAY_ADDRESS) that cannot place the workers yet is waited
+    # on this long (an autoscaler may be adding nodes), then the phase fails naming what it asked for.
+    # A local cluster (address null) without the resources asked for is refused at once.
+    startup_timeout_s: float = Field(600.0, gt=0)
+    # run_root is a local path that every node of a joined cluster mounts at the same place (NFS, a
+    # shared volume). Without it, a local run_root with a multi-node cluster is refused: training
+    # workers on other nodes cannot read or write the driver's disk.
+    shared_filesystem: bool = False
 
 
 # COCO caption metrics as pycocoevalcap names them; SPICE only with `eval.spice`.
