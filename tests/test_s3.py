@@ -127,9 +127,10 @@ def test_run_root_holds_the_mirror_and_the_published_data_and_nothing_else(s3, p
         PREPROCESS_REPORT_FILE,
     }
     assert {path.split("/")[0] for path in data if "/" in path} == {"transform_fn", "transformed_metadata"}
-    # The mirror, and no staging folder, tf.Transform temp folder or partial download left behind.
+    # The mirror, the steps' logs, and no staging folder, tf.Transform temp folder or partial download left behind.
     raw = {f"raw/{path}" for path in (*MSCOCO_FILES, "sample.json")}
-    assert _under(s3, f"{BUCKET}/run") == raw | {f"data/{path}" for path in data}
+    logs = {"logs/download.log", "logs/preprocess.log"}
+    assert _under(s3, f"{BUCKET}/run") == raw | logs | {f"data/{path}" for path in data}
 
 
 @pytest.mark.slow
@@ -191,8 +192,8 @@ def test_an_s3_source_written_by_sample_data_mirrors_verified_and_then_skips(s3,
     config = _write_config(tmp_path / "c.yaml", settings)
     capsys.readouterr()  # sample-data's summary
 
-    assert cli_main(["-q", "download", "--config", config]) == 0
-    assert cli_main(["-q", "download", "--config", config]) == 0
+    assert cli_main(["download", "--config", config]) == 0  # not quiet: it prints what it did
+    assert cli_main(["download", "--config", config]) == 0
 
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["downloaded"] * 3 + ["skipped"] * 3
