@@ -27,11 +27,24 @@ setup(
         "pycocoevalcap>=1.2",  # COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr; Java for METEOR and tokenizing)
     ],
     extras_require={
-        # The tests compile a Kubeflow pipeline and serve S3 on 127.0.0.1 (moto) for s3fs; `make test`
-        # lints with ruff first.
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "kfp>=2.7", "moto[server]>=5", "s3fs", "ruff>=0.6"],
-        "gcs": ["gcsfs"],
-        "s3": ["s3fs"],
+        # The tests compile a Kubeflow pipeline, serve S3 (moto) and GCS (gcp-storage-emulator) on
+        # 127.0.0.1 for s3fs, gcsfs and pyarrow; `make test` lints with ruff first.
+        # Why the store clients carry a lower bound: s3fs >= 2023 needs aiobotocore, which pins botocore
+        # to a narrow range (aiobotocore 3.10: botocore <1.43.118), while moto pulls boto3 unpinned. Left
+        # unpinned, pip takes the newest boto3/botocore first and backtracks s3fs to 0.4.2 (2019), which
+        # needs no aiobotocore. `s3fs>=2025.1` makes pip pick a boto3 that aiobotocore accepts instead.
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.2",
+            "kfp>=2.7",
+            "moto[server]>=5",
+            "s3fs>=2025.1",
+            "gcsfs>=2025.1",
+            "gcp-storage-emulator>=2024.8",
+            "ruff>=0.6",
+        ],
+        "gcs": ["gcsfs>=2025.1"],
+        "s3": ["s3fs>=2025.1"],
         "kfp": ["kfp>=2.7"],  # showtell export-pipeline kfp
     },
     entry_points={"console_scripts": ["showtell=orchestration.cli:main"]},
