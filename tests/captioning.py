@@ -28,14 +28,15 @@ WORD_COUNTS = "a 120\n<S> 50\n</S> 50\nred 40\nblue 35\ncircle 30\nsquare 28\non
 NUM_WORDS = 10  # <UNK> is id 10; the model's vocab_size is 11
 
 
-def publish_tiny_final(root: Path) -> str:
-    """Builds the tiny model and publishes it under `root` with checkpoints.py's own writers, as
-    training does; returns the URL of its `final/`."""
+def publish_tiny_final(root: Path, word_counts_text: str = WORD_COUNTS) -> str:
+    """Builds the tiny model over the vocabulary `word_counts_text` (a word_counts.txt's text) and
+    publishes it under `root` with checkpoints.py's own writers, as training does; returns the URL
+    of its `final/`."""
     keras.utils.set_random_seed(2)  # a seed whose best captions have words
     config = build_config({"run_root": str(root), "model": MODEL})
     word_counts = root / WORD_COUNTS_FILE
-    word_counts.write_text(WORD_COUNTS, encoding="utf-8")
-    model = build_model(config.model, resolve_vocab_size(config.model, WORD_COUNTS))
+    word_counts.write_text(word_counts_text, encoding="utf-8")
+    model = build_model(config.model, resolve_vocab_size(config.model, word_counts_text))
     with tempfile.TemporaryDirectory() as checkpoint_dir:
         state = {"phase": 1, "step": 7, "fingerprint": ckpt.weights_fingerprint(model)}
         ckpt.save_checkpoint(checkpoint_dir, model, keras.optimizers.SGD(), state)

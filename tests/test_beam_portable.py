@@ -1,12 +1,14 @@
-"""Preprocessing on Beam's portable path: `PortableRunner` against Beam's own local job service
-(`apache_beam.runners.portability.local_job_service_main`), its SDK workers started as separate
-processes by an external worker pool (`apache_beam.runners.worker.worker_pool_main`), as a Flink
-or Spark job server would run them. The shards and word_counts.txt must be byte-identical to the
-DirectRunner's.
+"""Preprocessing and evaluation on Beam's portable path: `PortableRunner` against Beam's own local
+job service (`apache_beam.runners.portability.local_job_service_main`), its SDK workers started as
+separate processes by an external worker pool (`apache_beam.runners.worker.worker_pool_main`), as a
+Flink or Spark job server would run them. The shards and word_counts.txt must be byte-identical to
+the DirectRunner's, and the evaluation's results the same.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,11 +18,14 @@ from typing import Iterator
 
 import pytest
 
+from pipelines.evaluate import run_evaluate
 from pipelines.preprocess import run_preprocess
 from pipelines.sample_data import generate_sample_data
 from schemas import records
 from schemas.config import build_config
+from schemas.layout import EVAL_REPORT_FILE
 from schemas.vocabulary import WORD_COUNTS_FILE
+from tests.captioning import MODEL, publish_tiny_final
 
 pytestmark = pytest.mark.slow
 
@@ -75,23 +80,51 @@ def job_service(tmp_path_factory) -> Iterator[list[str]]:
             process.wait(timeout=30)
 
 
-def _preprocess(mirror: Path, run_root: Path, runner: str, options: list[str]) -> dict:
+def _config(mirror: Path, run_root: Path, runner: str, options: list[str]):
     tree = {
         "run_root": str(run_root),
         "data": {"mirror": str(mirror), "shards": SHARDS},
+        "model": MODEL,
         "beam": {"runner": runner, "options": options, "direct_running_mode": "in_memory"},
+        "eval": {"checkpoints": "final", "max_images": 4, "report_images": 1},
     }
-    return run_preprocess(build_config(tree, []))
+    return build_config(tree, [])
 
 
-def test_the_portable_runner_on_separate_worker_processes_writes_the_directrunners_bytes(job_service, tmp_path):
-    mirror = tmp_path / "mirror"
-    generate_sample_data(str(mirror), train_images=12, val_images=8, image_size=48)
+@pytest.fixture(scope="module")
+def preprocessed(job_service, tmp_path_factory) -> Path:
+    """The same sample set preprocessed on both runners, under `direct/` and `portable/`."""
+    root = tmp_path_factory.mktemp("preprocessed")
+    generate_sample_data(str(root / "mirror"), train_images=12, val_images=8, image_size=MODEL["image_size"])
+    run_preprocess(_config(root / "mirror", root / "direct", "DirectRunner", []))
+    run_preprocess(_config(root / "mirror", root / "portable", "PortableRunner", job_service))
+    return root
 
-    direct = _preprocess(mirror, tmp_path / "direct", "DirectRunner", [])
-    portable = _preprocess(mirror, tmp_path / "portable", "PortableRunner", job_service)
 
-    assert portable["records_written"] == direct["records_written"] > 0
+def test_the_portable_runner_on_separate_worker_processes_writes_the_directrunners_bytes(preprocessed):
     names = [name for split, n in SHARDS.items() for name in records.shard_names(split, n)] + [WORD_COUNTS_FILE]
     for name in names:
-        assert (tmp_path / "portable/data" / name).read_bytes() == (tmp_path / "direct/data" / name).read_bytes(), name
+        portable, direct = (preprocessed / run / "data" / name for run in ("portable", "direct"))
+        assert portable.read_bytes() == direct.read_bytes() and direct.stat().st_size > 0, name
+
+
+def test_the_portable_runner_evaluates_a_checkpoint_as_the_directrunner_does(preprocessed, job_service, tmp_path):
+    reports = {}
+    for runner, options in (("DirectRunner", []), ("PortableRunner", job_service)):
+        run_root = tmp_path / runner
+        shutil.copytree(preprocessed / "direct" / "data", run_root / "data")
+        # An untrained phase 1 final/ over the data's vocabulary: evaluation needs only a checkpoint.
+        publish_tiny_final(run_root, (run_root / "data" / WORD_COUNTS_FILE).read_text(encoding="utf-8"))
+        run_evaluate(_config(preprocessed / "mirror", run_root, runner, options))
+        reports[runner] = json.loads((run_root / "eval" / EVAL_REPORT_FILE).read_text())
+
+    direct, portable = (_results(reports[runner]) for runner in ("DirectRunner", "PortableRunner"))
+    assert portable == direct and len(direct) == 1 and direct[0][1] == "ok"
+
+
+def _results(report: dict) -> list[tuple]:
+    """Per checkpoint: phase, status, perplexity, metrics and captions (not the seconds it took)."""
+    return [
+        (c["phase"], c["status"], c["perplexity"], c["metrics"], [x["caption"] for x in c["captions"]])
+        for c in report["checkpoints"]
+    ]
