@@ -46,11 +46,15 @@ def _fast_ray_polls(monkeypatch):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
+    return preprocess_sample(tmp_path_factory.mktemp("prep"))
+
+
+def preprocess_sample(root: Path) -> Path:
+    """40 + 20 generated sample images preprocessed into 4 / 1 / 1 shards; returns `root/data`."""
     from pipelines.preprocess import run_preprocess
     from pipelines.sample_data import generate_sample_data
     from schemas.config import build_config
 
-    root = tmp_path_factory.mktemp("prep")
     generate_sample_data(str(root / "raw"), train_images=40, val_images=20, seed=0, image_size=64)
     config = build_config(
         {
@@ -156,7 +160,8 @@ WAIT_LIMIT_S = 600.0  # the longest the killer waits for the commit (TensorFlow'
 
 class WorkerKiller:
     """While its `with` block trains a phase, SIGKILLs rank 1 once, as soon as Ray Train has committed
-    `checkpoint` and before it commits the next one: the phase must resume from `checkpoint`.
+    `checkpoint` and before it commits the next one: the phase must resume from `checkpoint`. A
+    subclass kills something else (a node: tests/test_ray_cluster.py) by overriding `_kill`.
 
     Ray Train v2 commits a report when its controller polls the workers (every 2 s) and rewrites
     `checkpoint_manager_snapshot.json` then. A poll takes one report per worker (a worker's result
@@ -184,11 +189,12 @@ class WorkerKiller:
 
     def _run(self) -> None:
         try:
-            self.killed_pid = self._kill_rank1_once_committed()
+            self._wait_for_commit()
+            self.killed_pid = self._kill()
         except Exception as error:  # reported by __exit__, on the test's thread
             self._error = str(error)
 
-    def _kill_rank1_once_committed(self) -> int:
+    def _wait_for_commit(self) -> None:
         deadline = time.monotonic() + WAIT_LIMIT_S
         while (latest := _latest_committed(self.phase_dir)) != self.checkpoint:
             if latest is not None and latest > self.checkpoint:
@@ -198,6 +204,9 @@ class WorkerKiller:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Ray did not commit {self.checkpoint} within {WAIT_LIMIT_S:.0f} s")
             time.sleep(0.02)
+
+    def _kill(self) -> int:
+        """SIGKILLs rank 1 and returns its pid."""
         workers = _training_workers()
         others = workers - _tensorboard_writer_pids(self.phase_dir)  # rank 0 writes TensorBoard's events
         if len(others) != 1:

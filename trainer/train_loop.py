@@ -98,6 +98,7 @@ def train_loop_per_worker(config: dict) -> dict:
     rank = ray.train.get_context().get_world_rank()
     setup_worker(job, rank)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    nodes = worker_nodes(strategy)  # where this attempt's workers run, recorded in every report
     checkpoint = ray.train.get_checkpoint()  # the latest of this phase, after a restart or a re-run
     with strategy.scope():
         model = build_worker_model(job, pretrained=checkpoint is None and job.init_dir is None)
@@ -114,7 +115,7 @@ def train_loop_per_worker(config: dict) -> dict:
             return {"error": f"phase 1: {error}; no checkpoint was kept or published", "step": 0}
         sync_statistics()
     train_step = make_train_step(strategy, model, optimizer, job)
-    reporter = Reporter(job, state, rank)
+    reporter = Reporter(job, state, rank, nodes)
     if rank == 0:  # where this attempt starts: the rate counts from here
         progress.advance(at=job.pretrain_steps + state.step)
     while state.step < job.phase_cfg.steps:
@@ -147,6 +148,19 @@ def setup_worker(job: TrainJob, rank: int) -> None:
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(job.cfg.train.seed * 1009 + rank)
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
+
+
+def worker_nodes(strategy) -> list[str]:
+    """Each worker's Ray node id, in rank order, on every worker (one all-gather of the ids' bytes)."""
+    import ray.train
+    import tensorflow as tf
+
+    node = ray.get_runtime_context().get_node_id().encode().ljust(64)
+    local = tf.constant([list(node)], tf.int32)
+    gather = tf.function(lambda: strategy.run(lambda: tf.distribute.get_replica_context().all_gather(local, axis=0)))
+    rows = strategy.experimental_local_results(gather())[0].numpy()
+    replicas_per_worker = len(rows) // ray.train.get_context().get_world_size()
+    return [bytes(row.tolist()).decode().strip() for row in rows[::replicas_per_worker]]
 
 
 def distributed_dataset(strategy, job: TrainJob, start_step: int):
@@ -276,8 +290,8 @@ class Reporter:
     """Per-step loss bookkeeping, and the every-`checkpoint_every` report: metrics from every
     worker (Ray's barrier), the checkpoint from rank 0, then history.jsonl and TensorBoard."""
 
-    def __init__(self, job: TrainJob, state: TrainState, rank: int):
-        self.job, self.state, self.rank = job, state, rank
+    def __init__(self, job: TrainJob, state: TrainState, rank: int, nodes: list[str]):
+        self.job, self.state, self.rank, self.nodes = job, state, rank, nodes
         self.phase_cfg = job.phase_cfg
         self._losses: list[float] = []
         self._norms: list[float] = []
@@ -322,6 +336,7 @@ class Reporter:
             "wall_time": now,
             "grad_norm": sum(self._norms) / len(self._norms),
             "resumed_from_step": state.resumed_from_step,
+            "node_ids": self.nodes,  # each rank's Ray node id, in rank order
         }
         state.history.append(row)
         with tempfile.TemporaryDirectory(prefix="showtell-ckpt-") as directory:
