@@ -1,0 +1,89 @@
+"""A real GCS server on 127.0.0.1 for tests: gcp-storage-emulator (in memory, in this process),
+reached the standard Google way.
+
+    @pytest.fixture(scope="module")
+    def gcs():
+        with gcs_server(buckets=["my-bucket"]) as fs:
+            yield fs   # a gcsfs file system on the server; gs:// URLs reach it from anywhere
+
+The endpoint reaches every client by `STORAGE_EMULATOR_HOST` (gcsfs, google-cloud-storage, and
+child processes such as Beam's workers, which inherit the environment); showtell's pyarrow file
+system (`schemas.stores.arrow_filesystem`) reads it from there too. No Google credentials are
+looked for (gcsfs's `token` is `anon`), and none of the machine's can leak in.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import socket
+from typing import Iterator, Sequence
+
+import fsspec
+import fsspec.config
+import gcsfs
+import gcsfs.retry
+import pytest
+from fsspec.registry import _registry
+from gcp_storage_emulator.server import create_server
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gcs_server(buckets: Sequence[str] = ()) -> Iterator[fsspec.AbstractFileSystem]:
+    """An emulated GCS server on a free port of 127.0.0.1 with empty `buckets`, and the environment
+    pointing at it (restored after); yields a gcsfs file system on it."""
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True)
+    server.start()
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)  # a line per request otherwise
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+            env.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/no-credentials.json")
+            env.setitem(fsspec.config.conf, "gs", {**fsspec.config.conf.get("gs", {}), "token": "anon"})
+            env.setenv("FSSPEC_GS", '{"token": "anon"}')  # Beam's worker processes read it as they import fsspec
+            # gcsfs's experimental ExtendedGcsFileSystem (its default since 2026.10) asks a gRPC control
+            # API, which the emulator lacks, for each bucket's layout, and waits 60 s for an answer:
+            # the plain GCSFileSystem here, and in child processes (read as they import gcsfs).
+            env.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+            for protocol in ("gs", "gcs"):
+                env.setitem(_registry, protocol, gcsfs.core.GCSFileSystem)
+            # The emulator answers 501 Not Implemented to gcsfs's moveTo (a rename), which gcsfs
+            # retries 6 times over about 30 s before it copies and deletes instead: not here.
+            env.setattr(gcsfs.retry, "errs", gcsfs.retry.errs - {501, "501"})
+            gcsfs.core.GCSFileSystem.clear_instance_cache()  # none made before this endpoint may answer
+            fs = fsspec.filesystem("gs")
+            for bucket in buckets:
+                fs.mkdir(bucket)
+            yield fs
+    finally:
+        gcsfs.core.GCSFileSystem.clear_instance_cache()
+        server.stop()
+
+
+@contextlib.contextmanager
+def store_settings_restored() -> Iterator[None]:
+    """What `schemas.stores.prepare` and `apply` set for the whole process (the environment,
+    fsspec's configuration and registry, the settings pyarrow is built from), put back as it was
+    after the block: a test's `showtell` command with a `storage` section leaks nothing."""
+    from schemas import stores
+
+    env, conf, registry, applied = dict(os.environ), copy.deepcopy(fsspec.config.conf), dict(_registry), stores._applied
+    try:
+        yield
+    finally:
+        for name in set(os.environ) - set(env):
+            del os.environ[name]
+        os.environ.update(env)
+        fsspec.config.conf.clear()
+        fsspec.config.conf.update(conf)
+        _registry.clear()
+        _registry.update(registry)
+        stores._applied = applied
