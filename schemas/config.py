@@ -206,6 +206,10 @@ class Ray(_Strict):
     # shared volume). Without it, a local run_root with a multi-node cluster is refused: training
     # workers on other nodes cannot read or write the driver's disk.
     shared_filesystem: bool = False
+    # Elastic training: after a worker or node is lost, Ray Train may go on with as few as this many
+    # workers (at the same global batch, ray.num_workers x the phase's batch_size) when no more fit,
+    # and grows back to ray.num_workers when they do; null: always ray.num_workers.
+    min_workers: Optional[int] = Field(None, gt=0)
 
 
 # COCO caption metrics as pycocoevalcap names them; SPICE only with `eval.spice`.

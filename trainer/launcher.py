@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import time
 from typing import Any, Iterator, Optional
@@ -76,6 +77,7 @@ def plan_phase(config: Config, phase: int) -> PhasePlan:
             "train.phase1.train_encoder=true."
         )
     global_batch = phase_cfg.batch_size * config.ray.num_workers
+    _check_elastic(config, global_batch)
     examples = config.train.num_examples_per_epoch or int(report["splits"]["train"]["records_written"])
     if examples <= 0:
         raise ShowtellError(f"{join_url(data_dir, PREPROCESS_REPORT_FILE)}: no training records were written")
@@ -162,7 +164,7 @@ def _fit(plan: PhasePlan, progress_spool: Optional[str]):
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(plan.job),
         scaling_config=ScalingConfig(
-            num_workers=cfg.ray.num_workers,
+            num_workers=(cfg.ray.min_workers, cfg.ray.num_workers) if cfg.ray.min_workers else cfg.ray.num_workers,
             use_gpu=cfg.ray.use_gpu,
             resources_per_worker=dict(cfg.ray.resources_per_worker) or None,
         ),
@@ -171,7 +173,9 @@ def _fit(plan: PhasePlan, progress_spool: Optional[str]):
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=phase_cfg.checkpoints_kept),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            failure_config=FailureConfig(
+                max_failures=cfg.ray.max_failures, controller_failure_limit=_startup_attempts(cfg)
+            ),
             callbacks=[ProgressLine(plan.job.phase, plan.steps)],
             worker_runtime_env={"env_vars": _worker_env(progress_spool)},
         ),
@@ -183,6 +187,34 @@ def _fit(plan: PhasePlan, progress_spool: Optional[str]):
         if mistake is not None:
             raise ShowtellError(f"phase {plan.job.phase}: {mistake}") from error
         raise TrainingFailed(f"phase {plan.job.phase}: {_describe_failure(error)}") from error
+
+
+def _check_elastic(config: Config, global_batch: int) -> None:
+    """With `ray.min_workers`, every worker count Ray Train may pick must split the global batch."""
+    low, high = config.ray.min_workers, config.ray.num_workers
+    if low is None:
+        return
+    if low > high:
+        raise ShowtellError(f"ray.min_workers ({low}) is more than ray.num_workers ({high})")
+    uneven = [n for n in range(low, high + 1) if global_batch % n]
+    if uneven:
+        raise ShowtellError(
+            f"ray.min_workers: the global batch of {global_batch} (ray.num_workers x batch_size) does not split "
+            f"evenly over {', '.join(map(str, uneven))} workers, which elastic training may run"
+        )
+
+
+def _startup_attempts(config: Config) -> int:
+    """How many times Ray Train may try to start the worker group (Ray's default: forever, each
+    try waiting RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) before the phase fails: together about
+    `ray.startup_timeout_s`, e.g. for a replacement node after a node was lost."""
+    from ray.train.v2._internal.constants import (
+        DEFAULT_WORKER_GROUP_START_TIMEOUT_S,
+        WORKER_GROUP_START_TIMEOUT_S_ENV_VAR,
+    )
+
+    each = float(os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, DEFAULT_WORKER_GROUP_START_TIMEOUT_S))
+    return max(1, math.ceil(config.ray.startup_timeout_s / each))
 
 
 def _worker_env(progress_spool: Optional[str] = None) -> dict[str, str]:
@@ -238,17 +270,21 @@ def ray_storage(train_dir: str) -> tuple[str, Any]:
 def ray_cluster(config: Config) -> Iterator[None]:
     """Connects to `ray.address`, or, when it is null, to the cluster in $RAY_ADDRESS (set by
     `ray job submit`), or else starts a local cluster sized for the workers and stops it after;
-    an already initialised Ray (a notebook, a test) is used as it is."""
+    an already initialised Ray (a notebook, a test) is used as it is, as a joined cluster.
+
+    Before any worker starts, it checks that the cluster can take the workers: a local cluster
+    without the resources asked for is refused at once; a joined one gets `ray.startup_timeout_s`
+    to place them (an autoscaler may be adding nodes), and a local `run_root` is refused when
+    workers may run on other nodes, unless `ray.shared_filesystem` says every node mounts it.
+    """
     import ray
 
-    if ray.is_initialized():
-        yield
-        return
-    runtime_env = {"env_vars": _worker_env()}
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
+    started = not ray.is_initialized()
+    runtime_env = {"env_vars": _worker_env()}
+    if started and address:
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
-    else:
+    elif started:
         per_worker = dict(config.ray.resources_per_worker)
         workers = config.ray.num_workers
         custom = {k: v * workers for k, v in per_worker.items() if k not in ("CPU", "GPU")}
@@ -259,9 +295,110 @@ def ray_cluster(config: Config) -> Iterator[None]:
             runtime_env=runtime_env,
         )
     try:
+        if started and not address:
+            _check_local_resources(config)
+        else:
+            cluster = f"the Ray cluster at {address or ray.get_runtime_context().gcs_address}"
+            _check_shared_run_root(config, cluster, client=str(address or "").startswith("ray://"))
+            _wait_for_placement(config, cluster)
         yield
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
+
+
+def worker_resources(config: Config) -> dict[str, float]:
+    """What one training worker asks Ray for, filled in as Ray's ScalingConfig does: 1 CPU by
+    default, 1 GPU (and no CPU) with `use_gpu`, `resources_per_worker` otherwise, plus 1 GPU with
+    `use_gpu` when it names none."""
+    per_worker = {k: float(v) for k, v in config.ray.resources_per_worker.items() if v}
+    if not per_worker:
+        per_worker = {"GPU": 1.0} if config.ray.use_gpu else {"CPU": 1.0}
+    if config.ray.use_gpu:
+        per_worker.setdefault("GPU", 1.0)
+    return per_worker
+
+
+def _resources_text(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
+
+
+def _asked(config: Config) -> str:
+    """What the workers ask for in all: `ray.min_workers` of them when training is elastic."""
+    per_worker = worker_resources(config)
+    workers = config.ray.min_workers or config.ray.num_workers
+    total = {k: v * workers for k, v in per_worker.items()}
+    return f"{workers} training workers x {_resources_text(per_worker)} = {_resources_text(total)}"
+
+
+def _has(per_worker: dict[str, float]) -> str:
+    """The cluster's total of the resources a worker asks for (0 for those it lacks)."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    return _resources_text({k: cluster.get(k, 0.0) for k in per_worker})
+
+
+def _check_local_resources(config: Config) -> None:
+    """A local cluster has what this machine has: what it lacks now it will never get."""
+    import ray
+
+    per_worker = worker_resources(config)
+    cluster = ray.cluster_resources()
+    workers = config.ray.min_workers or config.ray.num_workers
+    short = sorted(k for k, v in per_worker.items() if v * workers > cluster.get(k, 0.0))
+    if not short:
+        return
+    hint = "lower ray.num_workers or ray.resources_per_worker"
+    if "GPU" in short:
+        hint = "set ray.use_gpu=false, or join a cluster with GPUs through ray.address"
+    raise ShowtellError(
+        f"ray: {_asked(config)}, but the local Ray cluster on this machine has {_has(per_worker)} "
+        f"(short of {', '.join(short)}): {hint}"
+    )
+
+
+def _check_shared_run_root(config: Config, cluster: str, client: bool) -> None:
+    """A local run_root is on the driver's disk: workers on other nodes cannot reach it."""
+    import fsspec
+    import ray
+
+    if config.ray.shared_filesystem or fsspec.utils.get_protocol(config.run_root) not in ("file", "local"):
+        return
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if not client and nodes < 2:
+        return
+    where = "through Ray Client, on nodes other than this machine" if client else f"with {nodes} nodes"
+    raise ShowtellError(
+        f"run_root {config.run_root} is on this machine's disk, and training joins {cluster} {where}: "
+        "training workers on other nodes cannot read or write it. Put run_root on s3:// or gs://, or, "
+        "if every node mounts it at the same path (NFS, a shared volume), set ray.shared_filesystem=true"
+    )
+
+
+def _wait_for_placement(config: Config, cluster: str) -> None:
+    """Waits up to `ray.startup_timeout_s` for the cluster to place the workers (as Ray Train
+    will: one placement group of a bundle per worker), saying what it waits for."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    per_worker = worker_resources(config)
+    timeout = config.ray.startup_timeout_s
+    group = placement_group([per_worker] * (config.ray.min_workers or config.ray.num_workers), strategy="PACK")
+    try:
+        if group.wait(timeout_seconds=min(1.0, timeout)):
+            return
+        log.info(
+            "waiting up to %g s (ray.startup_timeout_s) for %s to place %s; it has %s now",
+            timeout, cluster, _asked(config), _has(per_worker),
+        )
+        if not group.wait(timeout_seconds=max(timeout - 1.0, 0.0)):
+            raise ShowtellError(
+                f"ray: {cluster} could not place {_asked(config)} within ray.startup_timeout_s={timeout:g} s "
+                f"(it has {_has(per_worker)}): lower ray.num_workers or ray.resources_per_worker, "
+                "set ray.use_gpu=false, or add nodes"
+            )
+    finally:
+        remove_placement_group(group)
 
 
 class ProgressLine(UserCallback):
