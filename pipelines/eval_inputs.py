@@ -1,6 +1,7 @@
 """What the evaluation reads from a split's records: each caption as a reference, each image once,
 and the blank image of the blind baseline.
 
+    shard_records(url)                -> the serialized records of one shard (any fsspec URL)
     reference_of(serialized)          -> (391895, "a man riding a bike down a dirt road")
     split_images(files, limit=2)      -> (391895, <its JPEG bytes>), (522418, <its JPEG bytes>)
     blank_jpeg(299)                   -> a uniform grey 299 x 299 JPEG
@@ -19,6 +20,12 @@ from schemas.vocabulary import END_WORD, START_WORD
 BLANK_GREY = 128  # the blind baseline's image: every pixel this grey
 
 
+def shard_records(url: str) -> Iterator[bytes]:
+    """The serialized records of one shard, read through fsspec: a local path, s3://, gs://, ..."""
+    with fsspec.open(url, "rb") as handle:
+        yield from read_records(handle)
+
+
 def reference_of(serialized: bytes) -> tuple[int, str]:
     """One record -> (image id, its raw caption: the tokens without `<S>`/`</S>`, joined by spaces)."""
     record = records.decode_sequence_example(serialized)
@@ -31,15 +38,14 @@ def split_images(files: Iterable[str], limit: Optional[int] = None) -> Iterator[
     given), streamed: the first `limit` of them, or all."""
     seen: set[int] = set()
     for url in files:
-        with fsspec.open(url, "rb") as handle:
-            for serialized in read_records(handle):
-                record = records.decode_sequence_example(serialized)
-                if record["image_id"] in seen:
-                    continue
-                seen.add(record["image_id"])
-                yield record["image_id"], record["jpeg"]
-                if limit is not None and len(seen) >= limit:
-                    return
+        for serialized in shard_records(url):
+            record = records.decode_sequence_example(serialized)
+            if record["image_id"] in seen:
+                continue
+            seen.add(record["image_id"])
+            yield record["image_id"], record["jpeg"]
+            if limit is not None and len(seen) >= limit:
+                return
 
 
 def blank_jpeg(size: int) -> bytes:

@@ -46,7 +46,7 @@ import fsspec
 
 from pipelines.beam_options import pipeline_options
 from pipelines.coco_metrics import CocoScorer, check_java
-from pipelines.eval_inputs import blank_jpeg, reference_of, split_images
+from pipelines.eval_inputs import blank_jpeg, reference_of, shard_records, split_images
 from pipelines.eval_report import build_report, checkpoint_order, write_report
 from schemas.config import Config, join_url
 from schemas.errors import ShowtellError
@@ -83,7 +83,8 @@ class EvalPlan:
 
     checkpoints: tuple[CheckpointRef, ...]  # what to evaluate
     split: str  # the split evaluated
-    files: tuple[str, ...]  # its shards
+    files: tuple[str, ...]  # its shards (local paths or URLs of any fsspec store)
+    shard_cache: dict  # config.train.shard_cache as JSON: where perplexity caches remote shards while it reads them
     images: int  # the images each checkpoint captions: the split's, or the first `eval.max_images`
     model: dict  # config.model as JSON: builds intermediate checkpoints (they hold weights only)
     word_counts_url: str  # `<data_dir>/word_counts.txt`: the vocabulary of intermediate checkpoints
@@ -147,6 +148,7 @@ def plan_from_config(config: Config, output_dir: str) -> EvalPlan:
         checkpoints=tuple(checkpoints),
         split=split,
         files=tuple(shard_files(config.data_dir, split)),
+        shard_cache=config.train.shard_cache.model_dump(mode="json"),
         images=min(config.eval.max_images or split_images_written, split_images_written),
         model=config.model.model_dump(mode="json"),
         word_counts_url=join_url(config.data_dir, WORD_COUNTS_FILE),
@@ -234,7 +236,9 @@ def evaluate_checkpoint(
     image_size = model.model_cfg.image_size
     shown = f"phase {ref.phase} {ref.kind} step {ref.step}"
     advance(0, checkpoint=shown, images=f"0/{plan.images}")
-    perplexity = model_perplexity(model, list(plan.files), image_size, batch_size=settings["batch_size"])
+    perplexity = model_perplexity(
+        model, list(plan.files), image_size, batch_size=settings["batch_size"], shard_cache=plan.shard_cache
+    )
     captions = []
     images = split_images(plan.files, settings["max_images"])
     while batch := list(itertools.islice(images, settings["batch_size"])):
@@ -341,7 +345,7 @@ def build_evaluate_pipeline(pipeline: beam.Pipeline, plan: EvalPlan, created: st
     references = (
         pipeline
         | "SplitFiles" >> beam.Create(plan.files)
-        | "ReadSplit" >> beam.io.ReadAllFromTFRecord()
+        | "ReadSplit" >> beam.FlatMap(shard_records)  # through fsspec: any store, s3:// included
         | "Captions" >> beam.Map(reference_of)
         | "ByImage" >> beam.GroupByKey()
         | "SortReferences" >> beam.MapTuple(lambda image_id, texts: (image_id, sorted(texts)))

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, ClassVar, Literal, Optional, get_args
+from typing import Annotated, Any, Callable, ClassVar, Literal, Optional, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from schemas.dates import DATE_FIELD, fill_date, run_day
 from schemas.errors import ShowtellError
@@ -174,6 +183,19 @@ class Phase2(Phase):
     train_encoder: bool = True
 
 
+class ShardCache(_Strict):
+    """Where each input pipeline (one per training worker, and evaluation's perplexity) keeps the
+    shards it reads from a remote store (s3://, gs://, ...): the next ones are downloaded while the
+    current ones are read, and each is deleted once read. Local shards are read in place."""
+
+    # Local folder the cached shards go under (each pipeline makes its own subfolder, removed when
+    # it ends); null: the system's temp folder.
+    folder: Optional[str] = None
+    # Bytes of shards on local disk at most, per pipeline; at least 5 of the largest shards (the 4
+    # read at once and the next one), or training stops at once with an error naming this key.
+    max_bytes: int = Field(2 << 30, gt=0)
+
+
 class Train(_Strict):
     phase1: Phase1 = Phase1()  # encoder frozen
     phase2: Phase2 = Phase2()  # fine-tune, from phase 1's final checkpoint
@@ -186,6 +208,7 @@ class Train(_Strict):
     # "right" (the sample's do): a mirrored image contradicts its caption.
     random_flip: bool = True
     seed: int = 0  # seeds weight init, shuffling and augmentation
+    shard_cache: ShardCache = ShardCache()  # local copies of remote shards while they are read
 
     def phase(self, number: int) -> Phase:
         """`phase1` or `phase2` by number (1 or 2: the CLI's `--phase` accepts no other)."""
@@ -253,6 +276,71 @@ class Run(_Strict):
     lock_stale_seconds: float = Field(600.0, gt=0)
 
 
+def _redact_credentials(value: Any) -> Any:
+    """An endpoint URL's user and password blanked out before it is checked, so no error message
+    (they quote the value) can echo a secret."""
+    if isinstance(value, str) and "@" in value.partition("://")[2].split("/", 1)[0]:
+        scheme, _, rest = value.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return value
+
+
+def _endpoint_url(value: Optional[str]) -> Optional[str]:
+    """An object store endpoint: http(s)://host[:port], no credentials, no path."""
+    if value is None:
+        return value
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest.strip("/"):
+        raise ValueError("expected http://host:port or https://host")
+    if "@" in rest:
+        raise ValueError("must not carry credentials: use the store's usual settings (AWS_PROFILE, ...)")
+    if "/" in rest.rstrip("/") or "?" in rest:
+        raise ValueError("expected no path after the host")
+    return value.rstrip("/")
+
+
+EndpointUrl = Annotated[Optional[str], AfterValidator(_endpoint_url), BeforeValidator(_redact_credentials)]
+
+
+class S3Store(_Strict):
+    """s3:// and S3-compatible servers (MinIO, Ceph, ...). Each null leaves AWS's usual settings in
+    charge (AWS_ENDPOINT_URL, AWS_PROFILE, AWS_REGION, ~/.aws, an instance role). No field holds a
+    secret: keys stay in the environment or a profile."""
+
+    # The S3 API's base URL, e.g. http://127.0.0.1:9000 for MinIO; null: AWS_ENDPOINT_URL_S3 or
+    # AWS_ENDPOINT_URL, else AWS's own.
+    endpoint_url: EndpointUrl = None
+    # A profile of ~/.aws/config and ~/.aws/credentials; null: AWS_PROFILE, else AWS's default chain.
+    profile: Optional[str] = None
+    # The buckets' region, e.g. eu-west-1; null: AWS_REGION / AWS_DEFAULT_REGION, else the profile's.
+    region: Optional[str] = None
+
+
+class GcsStore(_Strict):
+    """gs://. Each null leaves Google's usual settings in charge (STORAGE_EMULATOR_HOST, the
+    application default credentials)."""
+
+    # The JSON API's base URL, e.g. http://127.0.0.1:9023 for an emulator; null: STORAGE_EMULATOR_HOST,
+    # else https://storage.googleapis.com.
+    endpoint: EndpointUrl = None
+    # The Google Cloud project requests are billed to; null: GOOGLE_CLOUD_PROJECT, else the credentials'.
+    project: Optional[str] = None
+    # true: no credentials (public buckets, emulators); false: the application default credentials;
+    # null: anonymous at a custom endpoint (an emulator), else the application default credentials.
+    anonymous: Optional[bool] = None
+
+
+class Storage(_Strict):
+    """Where the object stores are and how showtell signs in to them (schemas/stores.py). It changes
+    where the data is read and written, never what: no step's fingerprint includes it."""
+
+    s3: S3Store = S3Store()  # s3:// endpoint, profile and region
+    gcs: GcsStore = GcsStore()  # gs:// endpoint, project and anonymous access
+    # Seconds a store's endpoint gets to accept a connection: an unreachable one fails the command
+    # after this, naming the endpoint.
+    connect_timeout_s: float = Field(10.0, gt=0, allow_inf_nan=False)
+
+
 class Kfp(_Strict):
     """`showtell export-pipeline kfp`: the run as a Kubeflow Pipelines v2 pipeline, one container per step."""
 
@@ -284,6 +372,7 @@ class Config(_Strict):
     kfp: Kfp = Kfp()  # the run as a Kubeflow pipeline (`showtell export-pipeline kfp`)
     promote: Promote = Promote()  # which model is pushed to promote.models_root
     run: Run = Run()  # how `showtell run` locks its run_root
+    storage: Storage = Storage()  # object stores' endpoints and sign-in (overrides their usual settings)
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> "Config":

@@ -1,8 +1,8 @@
 """`showtell download`, `preprocess` and `sample-data` on S3: a real S3 server on 127.0.0.1 (moto in
 server mode) through s3fs, as they run against AWS.
 
-The endpoint reaches every client the standard AWS way, by `AWS_ENDPOINT_URL`: s3fs (aiobotocore),
-boto3, and the DirectRunner's worker processes, which inherit the environment; the pipeline
+The endpoint reaches every client the standard AWS way, by `AWS_ENDPOINT_URL` (tests/s3_server.py):
+s3fs (aiobotocore), boto3, and the DirectRunner's worker processes, which inherit the environment; the pipeline
 runs in `multi_processing` mode, so shards are written to S3 by other processes than the one
 that publishes them.
 """
@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import os
-import socket
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -23,7 +22,6 @@ import fsspec
 import pytest
 import s3fs
 import yaml
-from moto.server import ThreadedMotoServer
 
 from orchestration.cli import main as cli_main
 from pipelines import zips
@@ -33,41 +31,18 @@ from schemas.layout import PREPROCESS_REPORT_FILE, RECORD_SCHEMA_FILE
 from schemas.storage import copy_dir, exists, read_text
 from schemas.tfrecord import read_records
 from schemas.vocabulary import WORD_COUNTS_FILE, parse_word_counts
+from tests.s3_server import s3_server
 
 BUCKET = "showtell-test"
 SHARDS = {"train": 2, "val": 1, "test": 1}
 SAMPLE = {"train_images": 20, "val_images": 10, "image_size": 48}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory) -> Iterator[fsspec.AbstractFileSystem]:
     """A moto S3 server on 127.0.0.1 with one empty bucket; yields an s3fs file system on it."""
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    no_aws_files = tmp_path_factory.mktemp("aws") / "none"  # no ~/.aws profile can leak in
-    try:
-        with pytest.MonkeyPatch.context() as env:
-            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-                env.delenv(name, raising=False)
-            env.setenv("AWS_ACCESS_KEY_ID", "testing")
-            env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-            env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-            env.setenv("AWS_CONFIG_FILE", str(no_aws_files))
-            env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(no_aws_files))
-            env.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-            s3fs.S3FileSystem.clear_instance_cache()  # none made before this endpoint may answer
-            boto3.client("s3").create_bucket(Bucket=BUCKET)
-            yield fsspec.filesystem("s3")
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
+    with s3_server(tmp_path_factory.mktemp("aws"), buckets=[BUCKET]) as fs:
+        yield fs
 
 
 def _write_config(path: Path, settings: dict) -> str:

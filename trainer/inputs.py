@@ -15,16 +15,21 @@ the central crop when not.
 
 from __future__ import annotations
 
-from typing import Callable
+import random
+from typing import Callable, Iterator, Optional
 
 import tensorflow as tf
 
+from schemas.config import ShardCache as ShardCacheConfig
 from schemas.config import join_url
 from schemas.errors import ShowtellError
 from schemas.records import parse_sequence_example
+from schemas.storage import absolute, fresh_fs, is_local
+from trainer import shard_cache
 from trainer.ops import caption_to_sequences
 
 RESIZE_RATIO = 346 / 299  # im2txt resizes to 346x346 before cropping 299x299
+CYCLE_LENGTH = 4  # shard files read at once, their records interleaved
 
 # im2txt's distort_image: colour changes, in [0, 1] pixel units.
 BRIGHTNESS_MAX_DELTA = 32.0 / 255.0
@@ -34,16 +39,34 @@ CONTRAST_RANGE = (0.5, 1.5)
 
 
 def shard_files(data_dir: str, split: str) -> list[str]:
-    """The split's shards under `data_dir`, sorted: a local path, or any URL TensorFlow's file
-    systems read (gs:// is built in; s3:// needs the tensorflow-io package)."""
-    pattern = join_url(data_dir, f"{split}-?????-of-?????")
+    """The split's shards under `data_dir`, sorted: local paths (absolute), or URLs of any fsspec
+    store (s3://, gs://, memory://, ...), listed through fsspec (TensorFlow's file layer has no s3://)."""
+    pattern = join_url(absolute(data_dir), f"{split}-?????-of-?????")
     try:
-        files = sorted(tf.io.gfile.glob(pattern))
-    except tf.errors.UnimplementedError as error:
-        raise ShowtellError(f"cannot list {pattern}: {error.message}") from None
-    if not files:
+        fs, path = fresh_fs(pattern)
+        found = sorted(fs.glob(path))
+    except FileNotFoundError:
+        found = []
+    except (OSError, ValueError) as error:  # refused credentials, unreachable endpoint, bad bucket name
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        raise ShowtellError(f"cannot list {pattern}: {lines[0] if lines else type(error).__name__}") from None
+    if not found:
         raise ShowtellError(f"no {split} shards match {pattern}: run `showtell preprocess` first")
-    return files
+    return found if is_local(pattern) else [fs.unstrip_protocol(name) for name in found]
+
+
+def file_order(count: int, *, seed: int, shuffle: bool, repeat: bool) -> Iterator[int]:
+    """Indices of `count` files in the order they are read: each epoch a new shuffle (seeded by
+    `seed` and the epoch) when `shuffle`, else in order; epoch after epoch when `repeat`."""
+    epoch = 0
+    while True:
+        order = list(range(count))
+        if shuffle:
+            random.Random(f"{seed}/{epoch}").shuffle(order)
+        yield from order
+        epoch += 1
+        if not repeat:
+            return
 
 
 def resize_size(image_size: int) -> int:
@@ -156,6 +179,94 @@ def preprocess_image(image_bytes: tf.Tensor, image_size: int, training: bool, ra
     return (image - 0.5) * 2.0
 
 
+def read_records(
+    files: list[str],
+    *,
+    training: bool,
+    seed: int = 0,
+    repeat: bool = False,
+    input_context: Optional[tf.distribute.InputContext] = None,
+    cache: Optional[ShardCacheConfig] = None,
+) -> tf.data.Dataset:
+    """The serialized records of this input pipeline's share of `files`, as `make_dataset` reads them.
+
+    Files are read `CYCLE_LENGTH` at a time, their records interleaved, in `file_order` (shuffled
+    per epoch by `seed` when `training`; epoch after epoch when `repeat`). Local files are read in
+    place. Files on any other store (s3://, gs://, ...) go through a `trainer.shard_cache.ShardCache`
+    (`cache`; default: `train.shard_cache`'s defaults): each is downloaded to local disk ahead of
+    its turn and deleted once read to its end, so the same records come out in the same order.
+    """
+    cache = cache or ShardCacheConfig()
+    num_pipelines = input_context.num_input_pipelines if input_context else 1
+    pipeline_id = input_context.input_pipeline_id if input_context else 0
+    shard_by_file = len(files) >= num_pipelines
+    mine = list(files)[pipeline_id::num_pipelines] if shard_by_file else list(files)
+    cycle = max(1, min(CYCLE_LENGTH, len(mine)))
+    cached = not shard_cache.all_local(mine)
+    if cached:
+        shards = shard_cache.stat_shards(mine)  # one line naming a missing shard or unreadable folder, now
+        shard_cache.check_bound(shards, cache.max_bytes, cycle)
+    else:
+        local_paths = [absolute(url) for url in mine]
+
+    def local_files() -> Iterator[str]:
+        yield from (local_paths[i] for i in file_order(len(mine), seed=seed, shuffle=training, repeat=repeat))
+
+    def cached_files() -> Iterator[tuple[str, int]]:
+        # (the cache's folder, the file's number in the order read): a new cache per iteration,
+        # which downloads the files in that order; each is waited for inside the interleave's
+        # element that reads it (`read_cached_file`), never here.
+        order = file_order(len(mine), seed=seed, shuffle=training, repeat=repeat)
+        reader = shard_cache.ShardCache((shards[i] for i in order), cache.folder, cache.max_bytes)
+        try:
+            number = 0
+            for _ in file_order(len(mine), seed=seed, shuffle=training, repeat=repeat):
+                yield reader.folder, number
+                number += 1
+        except BaseException:  # GeneratorExit: the iterator was dropped before the end
+            reader.close()
+            raise
+        reader.close_when_read()  # the last files are still being read
+
+    def read_file(path: tf.Tensor) -> tf.data.Dataset:
+        records = tf.data.TFRecordDataset(path)
+        return records if shard_by_file else records.shard(num_pipelines, pipeline_id)
+
+    if not cached:
+        names = tf.data.Dataset.from_generator(local_files, output_signature=tf.TensorSpec([], tf.string))
+        return names.interleave(read_file, cycle_length=cycle, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def wait_path(folder: tf.Tensor, number: tf.Tensor) -> tf.Tensor:
+        wait = lambda f, n: shard_cache.wait_path(f.numpy(), int(n))  # noqa: E731
+        return tf.reshape(tf.py_function(wait, [folder, number], tf.string), [])
+
+    def read_downloaded(path: tf.Tensor) -> tf.data.Dataset:
+        # Each record with "", then the file's path once it has been read to its end: the marker
+        # that releases (deletes) the cached file.
+        end = tf.data.Dataset.from_tensors((tf.constant(b""), path))
+        return read_file(path).map(lambda record: (record, tf.constant(b""))).concatenate(end)
+
+    def read_cached_file(folder: tf.Tensor, number: tf.Tensor) -> tf.data.Dataset:
+        # The wait runs when the interleave's element is first read (a map inside it), not when
+        # the element is made.
+        return tf.data.Dataset.from_tensors((folder, number)).map(wait_path).flat_map(read_downloaded)
+
+    signature = (tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64))
+    numbered = tf.data.Dataset.from_generator(cached_files, output_signature=signature)
+    # A sequential interleave: its elements are opened in turn as the records are pulled, none
+    # ahead (a parallel one starts further files early, which would wait for room held by files
+    # it is not reading, forever). The same order as the parallel one's deterministic order.
+    records = numbered.interleave(read_cached_file, cycle_length=cycle)
+
+    def not_a_marker(record: tf.Tensor, done: tf.Tensor) -> tf.Tensor:
+        def release() -> tf.Tensor:
+            return tf.reshape(tf.py_function(lambda path: shard_cache.release_path(path.numpy()), [done], tf.bool), [])
+
+        return tf.cond(tf.strings.length(done) > 0, release, lambda: tf.constant(True))
+
+    return records.filter(not_a_marker).map(lambda record, done: record)
+
+
 def make_dataset(
     files: list[str],
     *,
@@ -167,6 +278,7 @@ def make_dataset(
     input_context: tf.distribute.InputContext | None = None,
     repeat: bool | None = None,
     random_flip: bool = True,
+    shard_cache_config: Optional[ShardCacheConfig] = None,
 ) -> tf.data.Dataset:
     """Batches of ({"images", "input_seqs"}, target_seqs, mask) from im2txt's record files.
 
@@ -178,27 +290,14 @@ def make_dataset(
     element order for speed; evaluation reads each record once, in order, by default.
     Captions are padded with zeros to the longest of their batch. `random_flip` False keeps
     training images unmirrored, for captions that say which side a thing is on.
+    `files` may be local paths or URLs of any fsspec store (`read_records`).
     """
     repeat = training if repeat is None else repeat
-    num_pipelines = input_context.num_input_pipelines if input_context else 1
-    pipeline_id = input_context.input_pipeline_id if input_context else 0
-    shard_by_file = len(files) >= num_pipelines
-
-    file_names = tf.data.Dataset.from_tensor_slices(list(files))
-    if shard_by_file:
-        file_names = file_names.shard(num_pipelines, pipeline_id)
-    if training:
-        file_names = file_names.shuffle(len(files), seed=seed)
-
-    def read_file(file_name: tf.Tensor) -> tf.data.Dataset:
-        records = tf.data.TFRecordDataset(file_name)
-        return records if shard_by_file else records.shard(num_pipelines, pipeline_id)
-
-    records = file_names.interleave(read_file, num_parallel_calls=tf.data.AUTOTUNE)
+    records = read_records(
+        files, training=training, seed=seed, repeat=repeat, input_context=input_context, cache=shard_cache_config
+    )
     if training and shuffle_buffer > 0:
         records = records.shuffle(shuffle_buffer, seed=seed)
-    if repeat:
-        records = records.repeat()
 
     def to_example(serialized: tf.Tensor):
         _, jpeg, caption_ids = parse_sequence_example(serialized)
