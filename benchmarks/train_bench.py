@@ -2,11 +2,18 @@
 
     .venv/bin/python benchmarks/train_bench.py            # CPU: input pipeline + demo-config training
     .venv/bin/python benchmarks/train_bench.py --gpu      # on a GPU machine: Inception v3, 299x299, batch 32
+    .venv/bin/python benchmarks/train_bench.py --store s3 --skip-training   # input pipeline: local disk vs S3
 
 Prints figures only (nothing is asserted):
 - input pipeline: images/s on ONE core (the process pinned to core 0) at 299x299 with im2txt's
   training augmentation, over COCO-sized 640x480 JPEGs. Goal: >= 250 images/s per core, so that
-  8 cores feed ~2000 images/s to one GPU.
+  8 cores feed ~2000 images/s to one GPU. The records are COCO_LIKE_SHARDS shards.
+- --store s3: the same input pipeline over the same shards read from local disk and from an S3
+  server (moto, started here on 127.0.0.1), one after the other in one run, each in a process of
+  its own pinned to core 0, so the shard cache's downloads (trainer/shard_cache.py) are counted
+  against that core; printed side by side with their ratio (goal: S3 >= 0.9x local), and the
+  cache's disk high-water mark against its bound (`train.shard_cache.max_bytes`, here
+  --cache-shards times the largest shard).
 - training: examples/s of phase 1 and phase 2 at the demo config (configs/local.yaml: its model,
   image size and batch) with 1 and 2 Ray workers, read from each phase's history.jsonl (first
   report, the warm-up, excluded). Each phase runs --steps steps (a rate needs no more than a few
@@ -18,46 +25,60 @@ Prints figures only (nothing is asserted):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "benchmarks")]
 SHOWTELL = Path(sys.executable).parent / "showtell"
 
 COCO_LIKE_IMAGES = 400  # distinct 640x480 JPEGs in the input-pipeline benchmark
+COCO_LIKE_SHARDS = 16  # ... in this many shards (~4 MB each)
+BUCKET = "showtell-bench"
 INPUT_WARMUP_BATCHES = 5
 
 
-def write_coco_like_records(path: Path, count: int) -> Path:
-    """One TFRecord file of `count` records holding 640x480 JPEGs (~166 KB) and short captions."""
+def write_coco_like_records(folder: Path, count: int, shards: int) -> Path:
+    """`count` records holding 640x480 JPEGs (~166 KB) and short captions, in `shards` train shards
+    under `folder` (records dealt round-robin)."""
     from preprocess_bench import make_jpeg
 
-    from schemas.records import encode_sequence_example
+    from schemas.records import encode_sequence_example, shard_name
     from schemas.tfrecord import write_records
 
     tokens = ["<S>", "a", "man", "riding", "a", "wave", "</S>"]
-    with path.open("wb") as handle:
-        write_records(handle, (encode_sequence_example(i, make_jpeg(i), tokens, list(range(7))) for i in range(count)))
-    return path
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in range(shards):
+        with (folder / shard_name("train", shard, shards)).open("wb") as handle:
+            ids = range(shard, count, shards)
+            write_records(handle, (encode_sequence_example(i, make_jpeg(i), tokens, list(range(7))) for i in ids))
+    return folder
 
 
-def input_images_per_second(records: Path, image_size: int, batch_size: int, seconds: float) -> float:
-    """Images/s of the training input pipeline with this process pinned to one core."""
+def input_images_per_second(
+    data: str, image_size: int, batch_size: int, seconds: float, cache_bytes: Optional[int] = None
+) -> float:
+    """Images/s of the training input pipeline over the train shards under `data` (a local folder
+    or an s3:// URL) with this process pinned to one core."""
     os.sched_setaffinity(0, {0})
     import tensorflow as tf
 
-    from trainer.inputs import make_dataset
+    from schemas.config import ShardCache
+    from trainer.inputs import make_dataset, shard_files
 
     tf.config.threading.set_inter_op_parallelism_threads(1)
     tf.config.threading.set_intra_op_parallelism_threads(1)
-    dataset = make_dataset([str(records)], image_size=image_size, batch_size=batch_size, training=True)
+    cache = ShardCache(max_bytes=cache_bytes) if cache_bytes else None
+    files = shard_files(data, "train")
+    dataset = make_dataset(files, image_size=image_size, batch_size=batch_size, training=True, shard_cache_config=cache)
     batches = iter(dataset)
     for _ in range(INPUT_WARMUP_BATCHES):
         next(batches)
@@ -66,6 +87,52 @@ def input_images_per_second(records: Path, image_size: int, batch_size: int, sec
         features, _, _ = next(batches)
         images += int(features["images"].shape[0])
     return images / (time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def moto_s3(folder: Path) -> Iterator[str]:
+    """An S3 server (moto) in a process of its own on 127.0.0.1, with BUCKET holding the shards of
+    `folder` under data/; this process's environment points at it (the input processes inherit it).
+    Yields the shards' s3:// folder."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )  # fmt: skip
+    try:
+        import boto3
+
+        client = boto3.client("s3")
+        for _ in range(100):  # up within a few seconds
+            try:
+                client.create_bucket(Bucket=BUCKET)
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                time.sleep(0.1)
+        for path in sorted(folder.iterdir()):
+            client.upload_file(str(path), BUCKET, f"data/{path.name}")
+        yield f"s3://{BUCKET}/data"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def time_input(data: str, seconds: float, cache_bytes: Optional[int] = None) -> dict:
+    """`input_images_per_second` over `data` in a child process (it pins itself to core 0)."""
+    command = [sys.executable, __file__, "--input-only", data, "--input-seconds", str(seconds)]
+    if cache_bytes:
+        command += ["--cache-bytes", str(cache_bytes)]
+    child = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
+    if child.returncode or not lines:
+        sys.exit(f"input pipeline over {data} failed:\n{child.stderr[-3000:]}")
+    return json.loads(lines[-1])
 
 
 def run_step(args: list[str], log: Path) -> None:
@@ -104,8 +171,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="where to write (default: a fresh temp dir)")
     parser.add_argument("--steps", type=int, default=200, help="training steps per phase (a report every steps/4)")
     parser.add_argument("--skip-training", action="store_true", help="time the input pipeline only")
-    # Internal: time the input pipeline over this file in a process of its own (it pins itself to one core).
-    parser.add_argument("--input-only", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--store", choices=["local", "s3"], default="local",
+        help="local: the input pipeline over local disk; s3: also over an S3 server (moto) on 127.0.0.1, side by side",
+    )  # fmt: skip
+    parser.add_argument("--cache-shards", type=int, default=6, help="--store s3: the cache's bound, in largest shards")
+    # Internal: time the input pipeline over these shards in a process of its own (it pins itself to one core).
+    parser.add_argument("--input-only", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-bytes", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -132,11 +205,10 @@ def step_overrides(steps: int) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.input_only:
-        rate = input_images_per_second(args.input_only, 299, 32, args.input_seconds)
-        print(
-            f"input pipeline: {rate:8.1f} images/s on one core "
-            "(299x299, training augmentation, 640x480 JPEGs; goal >= 250)"
-        )
+        from trainer.shard_cache import process_high_water_bytes
+
+        rate = input_images_per_second(args.input_only, 299, 32, args.input_seconds, args.cache_bytes)
+        print(json.dumps({"images_per_second": rate, "cache_high_water_bytes": process_high_water_bytes()}))
         return 0
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="showtell-train-bench-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -145,10 +217,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         for phase, rate in training_examples_per_second(workdir, overrides, workers=1).items():
             print(f"{phase}: {rate:8.1f} images/s per GPU (Inception v3, 299x299, batch 32; im2txt on a K20: ~46)")
         return 0
-    records = write_coco_like_records(workdir / "coco-like.tfrecord", COCO_LIKE_IMAGES)
-    command = [sys.executable, __file__, "--input-only", str(records), "--input-seconds", str(args.input_seconds)]
-    child = subprocess.run(command, capture_output=True, text=True)
-    print(child.stdout.strip() or child.stderr[-3000:])
+    shards = write_coco_like_records(workdir / "coco-like", COCO_LIKE_IMAGES, COCO_LIKE_SHARDS)
+    local = time_input(str(shards), args.input_seconds)["images_per_second"]
+    print(
+        f"input pipeline: {local:8.1f} images/s on one core "
+        "(299x299, training augmentation, 640x480 JPEGs, local disk; goal >= 250)"
+    )
+    if args.store == "s3":
+        largest = max(path.stat().st_size for path in shards.iterdir())
+        total = sum(path.stat().st_size for path in shards.iterdir())
+        bound = args.cache_shards * largest
+        with moto_s3(shards) as url:
+            remote = time_input(url, args.input_seconds, cache_bytes=bound)
+        rate, high_water = remote["images_per_second"], remote["cache_high_water_bytes"]
+        print(f"input pipeline: {rate:8.1f} images/s on one core, the same shards on S3 (moto on 127.0.0.1)")
+        print(f"S3 / local: {rate / local:.2f}x (goal >= 0.9x)")
+        print(
+            f"shard cache: disk high-water mark {high_water / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB "
+            f"({args.cache_shards} x the largest shard); the shards: {total / 2**20:.1f} MiB in {COCO_LIKE_SHARDS}"
+        )
     if args.skip_training:
         return 0
     for workers in (1, 2):
