@@ -46,12 +46,6 @@ def data_dir(tmp_path_factory) -> Path:
     return preprocess_sample(tmp_path_factory.mktemp("prep"))
 
 
-@pytest.fixture(autouse=True)
-def _fast_ray_polls(monkeypatch):
-    # Ray Train's controller polls its workers every 2 s; every run here is a few seconds long.
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-
-
 def _cluster(nodes: int):
     from ray.cluster_utils import Cluster
 
@@ -210,7 +204,9 @@ class NodeKiller(WorkerKiller):
 
 def _lose_a_node(tmp_path: Path, data_dir: Path, cluster, replace: bool, **ray):
     """Phase 1 (6 steps, a checkpoint every 3, `ray.max_failures: 1`) on `cluster`'s two nodes; the
-    worker node is lost after step 3's checkpoint (and replaced, with `replace`)."""
+    worker node is lost after step 3's checkpoint (and replaced, with `replace`). Ray Train's controller
+    polls the workers every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, left at Ray's default here): the
+    kill must land between step 3's commit and step 6's, at least one poll apart."""
     run_root = _run_root(tmp_path, data_dir)
     config = _config_file(
         tmp_path, run_root, {"steps": 6, "checkpoint_every": 3},
@@ -257,3 +253,27 @@ def test_elastic_training_goes_on_with_one_worker_when_a_node_is_lost_for_good(
     assert history[1]["node_ids"] == [head]  # one worker, on the node left, at the same global batch
     state = json.loads((_final(run_root, 1) / "state.json").read_text())
     assert state["step"] == 6 and state["global_batch"] == 16
+
+
+def test_a_node_lost_for_good_fails_the_phase_with_exit_1_once_ray_startup_timeout_s_has_passed(
+    tmp_path, data_dir, two_nodes, monkeypatch, capsys
+):
+    # Ray Train tries to start the group again every RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, for
+    # about ray.startup_timeout_s in all (Ray's default: forever).
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")
+    started = time.monotonic()
+    run_root, code, _, _ = _lose_a_node(tmp_path, data_dir, two_nodes, replace=False, startup_timeout_s=10)
+
+    assert code == 1  # not the user's mistake
+    log = re.escape(str(run_root / "logs" / "train-phase1.log"))
+    message = re.escape(
+        "phase 1: Ray Train could not start the workers again within ray.startup_timeout_s=10 s: the cluster "
+        f"cannot place 2 training workers x {{CPU: 1, {SLOT}: 1}} = {{CPU: 2, {SLOT}: 2}} (it has "
+    )
+    line = _error_line(capsys.readouterr())
+    assert re.fullmatch(
+        rf"showtell train: error: step train-phase1 failed after [\d.]+ s: TrainingFailed: {message}"
+        rf"\{{[^}}]*\}}\); was a node lost for good\? \(log: {log}\)",
+        line,
+    ), line
+    assert time.monotonic() - started < 240 and not _final(run_root, 1).exists()

@@ -156,6 +156,7 @@ def _summary(phase: int, phase_dir: str, state: dict, ran: bool) -> dict:
 def _fit(plan: PhasePlan, progress_spool: Optional[str]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
     cfg = plan.job.cfg
     phase_cfg = plan.job.phase_cfg
@@ -186,6 +187,12 @@ def _fit(plan: PhasePlan, progress_spool: Optional[str]):
         mistake = _users_mistake(error)
         if mistake is not None:
             raise ShowtellError(f"phase {plan.job.phase}: {mistake}") from error
+        if isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError):
+            raise TrainingFailed(  # after a worker or node was lost: nowhere to start the workers again
+                f"phase {plan.job.phase}: Ray Train could not start the workers again within "
+                f"ray.startup_timeout_s={cfg.ray.startup_timeout_s:g} s: the cluster cannot place {_asked(cfg)} "
+                f"(it has {_has(worker_resources(cfg))}); was a node lost for good?"
+            ) from error
         raise TrainingFailed(f"phase {plan.job.phase}: {_describe_failure(error)}") from error
 
 
