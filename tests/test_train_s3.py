@@ -1,0 +1,81 @@
+"""`showtell train --phase 1` with run_root on S3 (moto on 127.0.0.1, tests/s3_server.py): the workers
+read the shards through the shard cache (trainer/shard_cache.py), and Ray Train keeps its checkpoints
+on the same store (trainer/launcher.py `ray_storage`, pyarrow's S3 file system at AWS_ENDPOINT_URL)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from orchestration.cli import main as cli_main
+from schemas.storage import copy_dir
+from tests.s3_server import s3_server
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "showtell-train-test"
+MODEL = {
+    "encoder": "mobilenet_v3_small",
+    "image_size": 64,
+    "encoder_weights": "none",
+    "embedding_size": 32,
+    "num_lstm_units": 32,
+}  # as tests/test_train.py's
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    with s3_server(tmp_path_factory.mktemp("aws"), buckets=[BUCKET]) as fs:
+        yield fs
+
+
+def test_a_tiny_phase_1_with_run_root_on_s3_trains_and_publishes_final_there(s3, tmp_path, monkeypatch):
+    from pipelines.preprocess import run_preprocess
+    from pipelines.sample_data import generate_sample_data
+    from schemas.config import build_config
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    local = tmp_path / "prep"
+    generate_sample_data(str(local / "raw"), train_images=40, val_images=20, seed=0, image_size=64)
+    run_preprocess(
+        build_config(
+            {
+                "run_root": str(local),
+                "data": {"shards": {"train": 4, "val": 1, "test": 1}},
+                "beam": {"direct_running_mode": "in_memory", "direct_num_workers": 1},
+            }
+        )
+    )
+    run_root = f"s3://{BUCKET}/run"
+    copy_dir(str(local / "data"), f"{run_root}/data")
+    config = tmp_path / "train.yaml"
+    tree = {
+        "run_root": run_root,
+        "model": MODEL,
+        "train": {
+            "shuffle_buffer": 64,
+            "shard_cache": {"folder": str(tmp_path / "cache")},
+            "phase1": {"batch_size": 8, "steps": 20, "checkpoint_every": 10, "checkpoints_kept": 2},
+        },
+        "ray": {"num_workers": 2},
+    }
+    config.write_text(yaml.safe_dump(tree), encoding="utf-8")
+    (tmp_path / "cache").mkdir()
+
+    import ray
+
+    # A cluster of this test's own (the launcher uses an initialised Ray as it is): a `ray start`
+    # cluster elsewhere on the machine is not joined, and the workers inherit the S3 endpoint.
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        assert cli_main(["-q", "train", "--config", str(config), "--phase", "1"]) == 0
+    finally:
+        ray.shutdown()
+
+    s3.invalidate_cache()
+    phase = f"{BUCKET}/run/train/phase1"
+    assert json.loads(s3.cat_file(f"{phase}/final/state.json"))["step"] == 20
+    history = [json.loads(line) for line in s3.cat_file(f"{phase}/history.jsonl").decode().splitlines()]
+    assert [row["step"] for row in history] == [10, 20]
+    assert not list((tmp_path / "cache").iterdir())  # each worker's cache removed with its iterator
