@@ -73,7 +73,9 @@ def _as_step(args: argparse.Namespace, config: Config, step: str) -> ContextMana
     `<run_root>/logs/<step>.log` (and the console with --verbose), a failure is one line naming it."""
     from orchestration.run import step_log_url
     from orchestration.step_log import logged_step, open_console
+    from schemas.stores import prepare
 
+    prepare(config)  # the stores' settings applied, and each store checked once, before the log goes there
     return logged_step(step, step_log_url(config, step), open_console() if args.verbose else None)
 
 
@@ -180,8 +182,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from orchestration.run_text import format_outcomes, format_results
     from orchestration.step_log import StepFailedError, open_console
     from schemas.config import load_dated_config
+    from schemas.stores import prepare
 
     config = load_dated_config(args.config, args.overrides, args.date)
+    prepare(config)  # the stores' settings applied, and each store checked once, before the lock goes there
     try:
         result = run_pipeline(
             config,
@@ -222,8 +226,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from orchestration.run import step_status
     from orchestration.run_text import format_status
     from schemas.config import load_dated_config
+    from schemas.stores import prepare
 
     config = load_dated_config(args.config, args.overrides, args.date)
+    prepare(config)
     print(format_status(config, step_status(config)))
     return 0
 
@@ -231,8 +237,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from orchestration.run_report import write_run_report
     from schemas.config import load_dated_config
+    from schemas.stores import prepare
 
     config = load_dated_config(args.config, args.overrides, args.date)
+    prepare(config)
     print(write_run_report(config))
     return 0
 
