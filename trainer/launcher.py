@@ -258,15 +258,19 @@ def _describe_failure(error: Exception) -> str:
 
 
 def ray_storage(train_dir: str) -> tuple[str, Any]:
-    """Ray's (storage_path, storage_filesystem): local paths, gs:// and s3:// go as they are
-    (pyarrow reads them natively); any other fsspec URL goes through an fsspec filesystem."""
+    """Ray's (storage_path, storage_filesystem): a local path as it is; s3:// and gs:// through a
+    pyarrow file system at the endpoint, and with the credentials, that fsspec uses (the config's
+    `storage` section as `schemas.stores.apply` set it, else the stores' usual settings: AWS,
+    MinIO, GCS and an emulator alike); any other fsspec URL through an fsspec filesystem."""
     import fsspec
+
+    from schemas import stores
 
     protocol = fsspec.utils.get_protocol(train_dir)
     if protocol in ("file", "local"):
         return ckpt.absolute(train_dir), None
-    if protocol in ("gs", "gcs", "s3"):
-        return train_dir, None
+    if stores.store_of(train_dir) is not None:
+        return stores.arrow_filesystem(train_dir)
     import pyarrow.fs
 
     fs, path = fsspec.core.url_to_fs(train_dir)
