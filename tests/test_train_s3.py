@@ -55,13 +55,11 @@ def test_a_tiny_phase_1_with_run_root_on_s3_trains_and_publishes_final_there(s3,
         "model": MODEL,
         "train": {
             "shuffle_buffer": 64,
-            "shard_cache": {"folder": str(tmp_path / "cache")},
             "phase1": {"batch_size": 8, "steps": 20, "checkpoint_every": 10, "checkpoints_kept": 2},
         },
         "ray": {"num_workers": 2},
     }
     config.write_text(yaml.safe_dump(tree), encoding="utf-8")
-    (tmp_path / "cache").mkdir()
 
     import ray
 
@@ -78,4 +76,3 @@ def test_a_tiny_phase_1_with_run_root_on_s3_trains_and_publishes_final_there(s3,
     assert json.loads(s3.cat_file(f"{phase}/final/state.json"))["step"] == 20
     history = [json.loads(line) for line in s3.cat_file(f"{phase}/history.jsonl").decode().splitlines()]
     assert [row["step"] for row in history] == [10, 20]
-    assert not list((tmp_path / "cache").iterdir())  # each worker's cache removed with its iterator
