@@ -6,9 +6,10 @@ that cannot take the workers.
 training worker asks for one, so the two workers must run on two different nodes. `showtell
 train` joins the cluster through `ray.address`, as it would join `ray up`'s or KubeRay's. All
 nodes share this machine's disk, so the run root is a local path declared shared
-(`ray.shared_filesystem`). The node-loss story kills a worker node from outside (its raylet and
-every process of the node, SIGKILL) once the first checkpoint is committed, then adds a
-replacement, as an autoscaler or an operator would.
+(`ray.shared_filesystem`), and in one test a bucket on the S3 test server. The node-loss story
+kills a worker node from outside (its raylet and every process of the node, SIGKILL) once the
+first checkpoint is committed, then adds a replacement, as an autoscaler or an operator would (or
+none: elastic training, and a node lost for good).
 """
 from __future__ import annotations
 
@@ -277,3 +278,31 @@ def test_a_node_lost_for_good_fails_the_phase_with_exit_1_once_ray_startup_timeo
         line,
     ), line
     assert time.monotonic() - started < 240 and not _final(run_root, 1).exists()
+
+
+def test_two_workers_on_two_nodes_train_with_run_root_on_s3(tmp_path, data_dir):
+    """The issue's setting: run_root on the S3 test server (moto on 127.0.0.1), no shared disk. The
+    nodes start inside the server's context, so their workers inherit its endpoint and keys."""
+    from schemas.storage import copy_dir
+    from tests.s3_server import s3_server
+
+    bucket = "showtell-ray-cluster"
+    with s3_server(tmp_path / "aws", buckets=[bucket]) as s3:
+        cluster = _cluster(2)
+        try:
+            run_root = f"s3://{bucket}/run"
+            copy_dir(str(data_dir), f"{run_root}/data")
+            config = _config_file(
+                tmp_path, run_root, {"steps": 6, "checkpoint_every": 3},
+                address=cluster.address, resources_per_worker=WORKER,
+            )
+            assert _train(config, 1) == 0
+            nodes = {cluster.head_node.node_id, *(node.node_id for node in cluster.worker_nodes)}
+        finally:
+            cluster.shutdown()
+        s3.invalidate_cache()
+        phase = f"{bucket}/run/train/phase1"
+        history = [json.loads(line) for line in s3.cat_file(f"{phase}/history.jsonl").decode().splitlines()]
+        assert json.loads(s3.cat_file(f"{phase}/final/state.json"))["step"] == 6
+    assert [row["step"] for row in history] == [3, 6]
+    assert all(set(row["node_ids"]) == nodes and len(row["node_ids"]) == 2 for row in history)
