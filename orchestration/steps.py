@@ -29,7 +29,9 @@ attempt is cleared before a fresh one. `orchestration.run` fingerprints keys + i
 
 Keys that change where or how a step runs, not what it produces, are left out on purpose, so
 changing them re-runs nothing: `beam.*` (runner, workers, options), `ray.address`, `ray.use_gpu`,
-`ray.resources_per_worker`, `ray.max_failures`, `train.xla`, `data.download.*` (retries, timeouts),
+`ray.resources_per_worker`, `ray.max_failures`, `ray.min_workers`, `ray.startup_timeout_s`,
+`ray.shared_filesystem`, `train.xla`, `train.shard_cache`, `storage.*` (endpoints, timeouts),
+`data.download.*` (retries, timeouts),
 `data.checksums` (verification only: the mirrored bytes are the same or the download fails),
 `eval.batch_size` (images per model call), `run.*` and `kfp.*`.
 

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional
 
 from ray.train import UserCallback
 
-from schemas import progress
+from schemas import progress, stores
 from schemas.config import Config, join_url
 from schemas.errors import ShowtellError
 from schemas.layout import FINAL_DIR, HISTORY_FILE, PREPROCESS_REPORT_FILE
@@ -178,7 +178,7 @@ def _fit(plan: PhasePlan, progress_spool: Optional[str]):
                 max_failures=cfg.ray.max_failures, controller_failure_limit=_startup_attempts(cfg)
             ),
             callbacks=[ProgressLine(plan.job.phase, plan.steps)],
-            worker_runtime_env={"env_vars": _worker_env(progress_spool)},
+            worker_runtime_env={"env_vars": _worker_env(cfg, progress_spool)},
         ),
     )
     try:
@@ -224,10 +224,12 @@ def _startup_attempts(config: Config) -> int:
     return max(1, math.ceil(config.ray.startup_timeout_s / each))
 
 
-def _worker_env(progress_spool: Optional[str] = None) -> dict[str, str]:
-    """Workers don't inherit the driver's environment: quiet TensorFlow's C++ logs there too, and
-    name the progress display's spool (`schemas.progress.SPOOL_ENV`) when there is one."""
+def _worker_env(config: Config, progress_spool: Optional[str] = None) -> dict[str, str]:
+    """Workers don't inherit the driver's environment: quiet TensorFlow's C++ logs there too, give
+    them the config's store settings (`storage.*`: endpoints, timeouts, a profile name; no secret),
+    and name the progress display's spool (`schemas.progress.SPOOL_ENV`) when there is one."""
     env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    env.update(stores.exported_env(config.storage))
     if progress_spool is not None:
         env[progress.SPOOL_ENV] = progress_spool
     return env
@@ -264,8 +266,6 @@ def ray_storage(train_dir: str) -> tuple[str, Any]:
     MinIO, GCS and an emulator alike); any other fsspec URL through an fsspec filesystem."""
     import fsspec
 
-    from schemas import stores
-
     protocol = fsspec.utils.get_protocol(train_dir)
     if protocol in ("file", "local"):
         return ckpt.absolute(train_dir), None
@@ -292,7 +292,7 @@ def ray_cluster(config: Config) -> Iterator[None]:
 
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     started = not ray.is_initialized()
-    runtime_env = {"env_vars": _worker_env()}
+    runtime_env = {"env_vars": _worker_env(config)}
     if started and address:
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     elif started:

@@ -184,6 +184,7 @@ def distributed_dataset(strategy, job: TrainJob, start_step: int):
             shuffle_buffer=job.cfg.train.shuffle_buffer,
             input_context=input_context,
             random_flip=job.cfg.train.random_flip,
+            shard_cache_config=job.cfg.train.shard_cache,
         )
 
     return strategy.distribute_datasets_from_function(dataset_fn)
