@@ -4,6 +4,7 @@ on the same store (trainer/launcher.py `ray_storage`, pyarrow's S3 file system a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -30,49 +31,69 @@ def s3(tmp_path_factory):
         yield fs
 
 
-def test_a_tiny_phase_1_with_run_root_on_s3_trains_and_publishes_final_there(s3, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def preprocessed(tmp_path_factory) -> Path:
+    """The sample set's records, preprocessed once on local disk (copied to S3 by each test)."""
     from pipelines.preprocess import run_preprocess
     from pipelines.sample_data import generate_sample_data
     from schemas.config import build_config
 
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    local = tmp_path / "prep"
+    local = tmp_path_factory.mktemp("prep")
     generate_sample_data(str(local / "raw"), train_images=40, val_images=20, seed=0, image_size=64)
-    run_preprocess(
-        build_config(
-            {
-                "run_root": str(local),
-                "data": {"shards": {"train": 4, "val": 1, "test": 1}},
-                "beam": {"direct_running_mode": "in_memory", "direct_num_workers": 1},
-            }
-        )
-    )
-    run_root = f"s3://{BUCKET}/run"
-    copy_dir(str(local / "data"), f"{run_root}/data")
-    config = tmp_path / "train.yaml"
     tree = {
-        "run_root": run_root,
-        "model": MODEL,
-        "train": {
-            "shuffle_buffer": 64,
-            "phase1": {"batch_size": 8, "steps": 20, "checkpoint_every": 10, "checkpoints_kept": 2},
-        },
-        "ray": {"num_workers": 2},
+        "run_root": str(local),
+        "data": {"shards": {"train": 4, "val": 1, "test": 1}},
+        "beam": {"direct_running_mode": "in_memory", "direct_num_workers": 1},
     }
-    config.write_text(yaml.safe_dump(tree), encoding="utf-8")
+    run_preprocess(build_config(tree))
+    return local / "data"
 
+
+def _train_on_s3(preprocessed: Path, tmp_path: Path, name: str, train: dict) -> int:
+    """`showtell -q train --phase 1` on `s3://BUCKET/<name>`, which gets the records; its exit code."""
     import ray
 
+    run_root = f"s3://{BUCKET}/{name}"
+    copy_dir(str(preprocessed), f"{run_root}/data")
+    config = tmp_path / "train.yaml"
+    tree = {"run_root": run_root, "model": MODEL, "train": train, "ray": {"num_workers": 2}}
+    config.write_text(yaml.safe_dump(tree), encoding="utf-8")
     # A cluster of this test's own (the launcher uses an initialised Ray as it is): a `ray start`
     # cluster elsewhere on the machine is not joined, and the workers inherit the S3 endpoint.
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
-        assert cli_main(["-q", "train", "--config", str(config), "--phase", "1"]) == 0
+        return cli_main(["-q", "train", "--config", str(config), "--phase", "1"])
     finally:
         ray.shutdown()
+
+
+def test_a_tiny_phase_1_with_run_root_on_s3_trains_and_publishes_final_there(s3, preprocessed, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    phase1 = {"batch_size": 8, "steps": 20, "checkpoint_every": 10, "checkpoints_kept": 2}
+
+    assert _train_on_s3(preprocessed, tmp_path, "run", {"shuffle_buffer": 64, "phase1": phase1}) == 0
 
     s3.invalidate_cache()
     phase = f"{BUCKET}/run/train/phase1"
     assert json.loads(s3.cat_file(f"{phase}/final/state.json"))["step"] == 20
     history = [json.loads(line) for line in s3.cat_file(f"{phase}/history.jsonl").decode().splitlines()]
     assert [row["step"] for row in history] == [10, 20]
+
+
+def test_the_training_workers_read_through_the_configured_shard_cache(s3, preprocessed, tmp_path, capsys):
+    # A bound no reader can work in: the workers refuse it before reading, naming the key, which
+    # they can only do with the config's train.shard_cache (its default, 2 GiB, would train).
+    train = {
+        "shuffle_buffer": 64,
+        "shard_cache": {"max_bytes": 1000},
+        "phase1": {"batch_size": 8, "steps": 4, "checkpoint_every": 2},
+    }
+    capsys.readouterr()
+
+    assert _train_on_s3(preprocessed, tmp_path, "tiny-cache", train) == 2
+
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("showtell train: error: ")]
+    assert len(ours) == 1  # Ray's driver forwards its workers' lines to this process's stderr too
+    error = ours[0]
+    assert error.startswith("showtell train: error: step train-phase1 failed after ")
+    assert "phase 1: train.shard_cache.max_bytes is 1,000 bytes, less than the " in error
