@@ -1,10 +1,10 @@
 """A real GCS server on 127.0.0.1 for tests: gcp-storage-emulator (in memory, in this process),
 reached the standard Google way.
 
-    @pytest.fixture(scope="module")
-    def gcs():
-        with gcs_server(buckets=["my-bucket"]) as fs:
-            yield fs   # a gcsfs file system on the server; gs:// URLs reach it from anywhere
+    gcs = gcs_fixture("my-bucket")  # a module's fixture: a gcsfs file system on the server
+
+    with gcs_server(buckets=["my-bucket"]) as fs:  # the same, for one block
+        ...                          # gs:// URLs reach the server from anywhere meanwhile
 
 The endpoint reaches every client by `STORAGE_EMULATOR_HOST` (gcsfs, google-cloud-storage, and
 child processes such as Beam's workers, which inherit the environment); showtell's pyarrow file
@@ -66,6 +66,18 @@ def gcs_server(buckets: Sequence[str] = ()) -> Iterator[fsspec.AbstractFileSyste
     finally:
         gcsfs.core.GCSFileSystem.clear_instance_cache()
         server.stop()
+
+
+def gcs_fixture(*buckets: str):
+    """A module-scoped pytest fixture running `gcs_server` with `buckets`, for a test module to
+    bind to a name: `gcs = gcs_fixture("my-bucket")`."""
+
+    @pytest.fixture(scope="module")
+    def gcs() -> Iterator[fsspec.AbstractFileSystem]:
+        with gcs_server(buckets=buckets) as fs:
+            yield fs
+
+    return gcs
 
 
 @contextlib.contextmanager

@@ -1,9 +1,9 @@
 """A real S3 server on 127.0.0.1 for tests: moto in server mode, reached the standard AWS way.
 
-    @pytest.fixture(scope="module")
-    def s3(tmp_path_factory):
-        with s3_server(tmp_path_factory.mktemp("aws"), buckets=["my-bucket"]) as fs:
-            yield fs   # an s3fs file system on the server; s3:// URLs reach it from anywhere
+    s3 = s3_fixture("my-bucket")  # a module's fixture: an s3fs file system on the server
+
+    with s3_server(scratch_folder, buckets=["my-bucket"]) as fs:  # the same, for one block
+        ...                            # s3:// URLs reach the server from anywhere meanwhile
 
 The endpoint reaches every client by `AWS_ENDPOINT_URL` (s3fs/aiobotocore, boto3, pyarrow, and
 child processes such as Beam's and Ray's workers, which inherit the environment), with dummy
@@ -55,3 +55,15 @@ def s3_server(scratch: Path, buckets: Sequence[str] = ()) -> Iterator[fsspec.Abs
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
+
+
+def s3_fixture(*buckets: str):
+    """A module-scoped pytest fixture running `s3_server` with `buckets`, for a test module to
+    bind to a name: `s3 = s3_fixture("my-bucket")`."""
+
+    @pytest.fixture(scope="module")
+    def s3(tmp_path_factory) -> Iterator[fsspec.AbstractFileSystem]:
+        with s3_server(tmp_path_factory.mktemp("aws"), buckets=buckets) as fs:
+            yield fs
+
+    return s3

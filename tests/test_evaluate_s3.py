@@ -8,7 +8,7 @@ import pytest
 
 from schemas.config import build_config
 from schemas.storage import copy_dir
-from tests.s3_server import s3_server
+from tests.s3_server import s3_fixture
 from tests.test_evaluate import untrained_run  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.slow
@@ -16,10 +16,7 @@ pytestmark = pytest.mark.slow
 BUCKET = "showtell-eval-test"
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with s3_server(tmp_path_factory.mktemp("aws"), buckets=[BUCKET]) as fs:
-        yield fs
+s3 = s3_fixture(BUCKET)  # a moto S3 server on 127.0.0.1 with BUCKET; an s3fs file system on it
 
 
 def _scores(report: dict) -> list[tuple]:

@@ -22,22 +22,16 @@ from schemas import stores
 from schemas.config import MSCOCO_FILES, build_config
 from schemas.layout import BEST_FILE, EVAL_HTML_FILE, EVAL_REPORT_FILE
 from schemas.storage import copy_dir, exists, publish_dir, read_json, read_text, remove, replace_dir, write_text
-from tests.gcs_server import gcs_server, store_settings_restored
-from tests.s3_server import s3_server
+from tests.gcs_server import gcs_fixture, store_settings_restored
+from tests.s3_server import s3_fixture
 
 BUCKET = "showtell-stores"
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with s3_server(tmp_path_factory.mktemp("aws"), buckets=[BUCKET]) as fs:
-        yield fs
+s3 = s3_fixture(BUCKET)  # a moto S3 server on 127.0.0.1 with BUCKET; an s3fs file system on it
 
 
-@pytest.fixture(scope="module")
-def gcs():
-    with gcs_server(buckets=[BUCKET]) as fs:
-        yield fs
+gcs = gcs_fixture(BUCKET)  # the GCS emulator on 127.0.0.1 with BUCKET; a gcsfs file system on it
 
 
 @pytest.fixture(autouse=True)

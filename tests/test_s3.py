@@ -15,7 +15,6 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Iterator
 
 import boto3
 import fsspec
@@ -31,18 +30,14 @@ from schemas.layout import PREPROCESS_REPORT_FILE, RECORD_SCHEMA_FILE
 from schemas.storage import copy_dir, exists, read_text
 from schemas.tfrecord import read_records
 from schemas.vocabulary import WORD_COUNTS_FILE, parse_word_counts
-from tests.s3_server import s3_server
+from tests.s3_server import s3_fixture
 
 BUCKET = "showtell-test"
 SHARDS = {"train": 2, "val": 1, "test": 1}
 SAMPLE = {"train_images": 20, "val_images": 10, "image_size": 48}
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory) -> Iterator[fsspec.AbstractFileSystem]:
-    """A moto S3 server on 127.0.0.1 with one empty bucket; yields an s3fs file system on it."""
-    with s3_server(tmp_path_factory.mktemp("aws"), buckets=[BUCKET]) as fs:
-        yield fs
+s3 = s3_fixture(BUCKET)  # a moto S3 server on 127.0.0.1 with BUCKET; an s3fs file system on it
 
 
 def _write_config(path: Path, settings: dict) -> str:

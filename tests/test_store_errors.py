@@ -20,24 +20,18 @@ from orchestration.manifest import config_values
 from orchestration.steps import STEPS
 from schemas import stores
 from schemas.config import ConfigError, build_config
-from tests.gcs_server import gcs_server, store_settings_restored
-from tests.s3_server import free_port, s3_server
+from tests.gcs_server import gcs_fixture, store_settings_restored
+from tests.s3_server import free_port, s3_fixture
 
 BUCKET = "showtell-errors"
 SECRET = "wJalrXUtnFEMI-not-a-real-secret-K7MDENG"
 SHARDS = {"train": 2, "val": 1, "test": 1}  # the test's AWS secret key: it must show up nowhere
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with s3_server(tmp_path_factory.mktemp("aws"), buckets=[BUCKET]) as fs:
-        yield fs
+s3 = s3_fixture(BUCKET)  # a moto S3 server on 127.0.0.1 with BUCKET; an s3fs file system on it
 
 
-@pytest.fixture(scope="module")
-def gcs():
-    with gcs_server(buckets=[BUCKET]) as fs:
-        yield fs
+gcs = gcs_fixture(BUCKET)  # the GCS emulator on 127.0.0.1 with BUCKET; a gcsfs file system on it
 
 
 @pytest.fixture(autouse=True)

@@ -11,24 +11,15 @@ import yaml
 
 from orchestration.cli import main as cli_main
 from schemas.storage import copy_dir
-from tests.s3_server import s3_server
+from tests.s3_server import s3_fixture
+from tests.test_train import MODEL
 
 pytestmark = pytest.mark.slow
 
 BUCKET = "showtell-train-test"
-MODEL = {
-    "encoder": "mobilenet_v3_small",
-    "image_size": 64,
-    "encoder_weights": "none",
-    "embedding_size": 32,
-    "num_lstm_units": 32,
-}  # as tests/test_train.py's
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with s3_server(tmp_path_factory.mktemp("aws"), buckets=[BUCKET]) as fs:
-        yield fs
+s3 = s3_fixture(BUCKET)  # a moto S3 server on 127.0.0.1 with BUCKET; an s3fs file system on it
 
 
 @pytest.fixture(scope="module")
