@@ -177,15 +177,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from orchestration.run import run_pipeline
-    from orchestration.run_text import format_outcomes, format_results
-    from orchestration.step_log import StepFailedError, open_console
+def _dated_config(args: argparse.Namespace) -> Config:
+    """The config of `run`, `status` and `report`, `{date}` filled in (--date), its stores'
+    settings applied and each store checked once, before anything is read or written there."""
     from schemas.config import load_dated_config
     from schemas.stores import prepare
 
     config = load_dated_config(args.config, args.overrides, args.date)
-    prepare(config)  # the stores' settings applied, and each store checked once, before the lock goes there
+    prepare(config)
+    return config
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from orchestration.run import run_pipeline
+    from orchestration.run_text import format_outcomes, format_results
+    from orchestration.step_log import StepFailedError, open_console
+
+    config = _dated_config(args)
     try:
         result = run_pipeline(
             config,
@@ -225,22 +233,16 @@ def _write_run_report(config: Config) -> Optional[str]:
 def _cmd_status(args: argparse.Namespace) -> int:
     from orchestration.run import step_status
     from orchestration.run_text import format_status
-    from schemas.config import load_dated_config
-    from schemas.stores import prepare
 
-    config = load_dated_config(args.config, args.overrides, args.date)
-    prepare(config)
+    config = _dated_config(args)
     print(format_status(config, step_status(config)))
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from orchestration.run_report import write_run_report
-    from schemas.config import load_dated_config
-    from schemas.stores import prepare
 
-    config = load_dated_config(args.config, args.overrides, args.date)
-    prepare(config)
+    config = _dated_config(args)
     print(write_run_report(config))
     return 0
 
@@ -393,17 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="each step of `showtell run`: state, start, duration, outputs, current or stale"
     )
     _add_config_args(status)
-    for command in (run, status):
+    report = add_subcommand("report", help="write <run_root>/report.html, the whole run on one page; prints its path")
+    _add_config_args(report)
+    for command in (run, status, report):
         command.add_argument(
             "--date", metavar="YYYY-MM-DD", help="the day `{date}` in the config stands for (default: today, UTC)"
         )
     run.set_defaults(func=_cmd_run)
     status.set_defaults(func=_cmd_status)
-    report = add_subcommand("report", help="write <run_root>/report.html, the whole run on one page; prints its path")
-    _add_config_args(report)
-    report.add_argument(
-        "--date", metavar="YYYY-MM-DD", help="the day `{date}` in the config stands for (default: today, UTC)"
-    )
     report.set_defaults(func=_cmd_report)
     return parser
 
