@@ -17,7 +17,6 @@ import contextlib
 import copy
 import logging
 import os
-import socket
 from typing import Iterator, Sequence
 
 import fsspec
@@ -28,11 +27,7 @@ import pytest
 from fsspec.registry import _registry
 from gcp_storage_emulator.server import create_server
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from tests.s3_server import free_port
 
 
 @contextlib.contextmanager

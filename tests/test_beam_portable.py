@@ -26,16 +26,11 @@ from schemas.config import build_config
 from schemas.layout import EVAL_REPORT_FILE
 from schemas.vocabulary import WORD_COUNTS_FILE
 from tests.captioning import MODEL, publish_tiny_final
+from tests.s3_server import free_port
 
 pytestmark = pytest.mark.slow
 
 SHARDS = {"train": 2, "val": 1, "test": 1}
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
@@ -55,7 +50,7 @@ def job_service(tmp_path_factory) -> Iterator[list[str]]:
     options that send a job to them. The pool starts each SDK worker as `python -c ...`, so this
     interpreter's folder goes first on its PATH."""
     folder = tmp_path_factory.mktemp("portable")
-    job_port, pool_port = _free_port(), _free_port()
+    job_port, pool_port = free_port(), free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     modules = {
         "job service": (["apache_beam.runners.portability.local_job_service_main", "--port", str(job_port)], job_port),
