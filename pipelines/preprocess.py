@@ -10,8 +10,9 @@ completes the shard set, writes the report, and only then publishes everything a
 `<run_root>/data/` (`schemas.storage.publish_dir`), so a failed run never leaves half-written outputs there.
 
 Shards, word_counts.txt and the report are written with fsspec (any store); tf.Transform writes
-only through tf.io.gfile, which has no s3:// in TF 2.21, so on such a run_root the DirectRunner
-stages transform_fn/ on local disk and copies it over (`_transform_dirs`).
+only through tf.io.gfile, which has no s3:// in TF 2.21 (and reaches gs:// at Google's endpoint
+only), so on such a run_root the DirectRunner stages transform_fn/ on local disk and copies it over
+(`_transform_dirs`).
 
 Records go to shards by a hash of (seed, image id, annotation id) and are sorted by it inside a
 shard, so the same input always gives byte-identical shards, whatever the runner's ordering.
@@ -55,7 +56,7 @@ from pipelines.captions import (
 from pipelines.preprocess_report import SKIPPED_FILES_KEPT, build_report, skipped_files_key, written_image_tallies
 from pipelines.vocabulary import AnalyzeVocabulary
 from pipelines.zips import member_names, read_member
-from schemas import progress, records
+from schemas import progress, records, stores
 from schemas.config import ANNOTATIONS_ZIP, TRAIN_IMAGES_ZIP, VAL_IMAGES_ZIP, Config, join_url
 from schemas.errors import ShowtellError
 from schemas.layout import PREPROCESS_REPORT_FILE, RECORD_SCHEMA_FILE
@@ -297,12 +298,22 @@ def _complete_shard_set(plan: PreprocessPlan) -> None:
                 fs.touch(path)
 
 
-def _tf_can_write(url: str) -> bool:
-    """Whether TensorFlow's own file layer (tf.io.gfile, all tf.Transform writes with) has a file
-    system for `url`: local paths and gs:// are built in; s3:// needs tensorflow-io's plugin."""
+def _tf_cannot_write(url: str) -> Optional[str]:
+    """Why TensorFlow's own file layer (tf.io.gfile, all tf.Transform writes with) cannot write
+    `url`, or None where it can. Local paths and gs:// are built in, gs:// at Google's endpoint
+    only (TensorFlow's GCS client takes no other: an emulator's, a private one's); s3:// needs
+    tensorflow-io's plugin."""
     import tensorflow as tf
 
-    return is_local(url) or fsspec.utils.get_protocol(url) in tf.io.gfile.get_registered_schemes()
+    if is_local(url):
+        return None
+    scheme = fsspec.utils.get_protocol(url)
+    if scheme in ("gs", "gcs") and stores.gcs_endpoint() is not None:
+        return f"whose GCS client reaches only Google's endpoint, not {stores.gcs_endpoint()}"
+    if scheme in tf.io.gfile.get_registered_schemes():
+        return None
+    plugin = "tensorflow-io's plugin adds one: import tensorflow_io here and in the workers"
+    return f"which has no {scheme}:// file system ({plugin})"
 
 
 @contextmanager
@@ -310,11 +321,13 @@ def _transform_dirs(run_root: str, staging: str, run_id: str, runner: Optional[s
     """Where tf.Transform works: (its temp_dir, the folder WriteTransformFn writes into).
 
     Both are under the run_root where tf.io.gfile can write it. Where it cannot (s3:// without
-    tensorflow-io), on the DirectRunner, whose workers share this machine's disk, both are in a
-    local temporary folder, and transform_fn/ and transformed_metadata/ are copied into `staging`
-    with fsspec once the pipeline has succeeded; a distributed runner fails before any work.
+    tensorflow-io, gs:// at an emulator), on the DirectRunner, whose workers share this machine's
+    disk, both are in a local temporary folder, and transform_fn/ and transformed_metadata/ are
+    copied into `staging` with fsspec once the pipeline has succeeded; a distributed runner fails
+    before any work.
     """
-    if _tf_can_write(run_root):
+    reason = _tf_cannot_write(run_root)
+    if reason is None:
         temp_dir = join_url(run_root, "tmp", f"preprocess-{run_id}")
         try:
             yield temp_dir, staging
@@ -322,11 +335,9 @@ def _transform_dirs(run_root: str, staging: str, run_id: str, runner: Optional[s
             remove(temp_dir)
         return
     if not is_direct_runner(runner):
-        scheme = fsspec.utils.get_protocol(run_root)
         raise ShowtellError(
-            f"run_root {run_root}: tf.Transform writes through tf.io.gfile, which has no {scheme}:// file system, "
-            f"and {runner} workers share no local disk to stage its output on: use a gs:// run_root, the "
-            f"DirectRunner, or tensorflow-io's {scheme}:// file system (import tensorflow_io here and in the workers)"
+            f"run_root {run_root}: tf.Transform writes through tf.io.gfile, {reason}; and {runner} workers "
+            "share no local disk to stage its output on: use the DirectRunner, or a run_root that TensorFlow reaches"
         )
     with tempfile.TemporaryDirectory(prefix=f"showtell-preprocess-{run_id}-") as local:
         transform_dir = os.path.join(local, "transform")

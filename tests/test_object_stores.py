@@ -1,8 +1,9 @@
 """What goes through fsspec, on both object stores, against real servers on 127.0.0.1 (moto's S3
 server, gcp-storage-emulator): schemas/storage.py's files and publish_dir, the lock, the manifest,
 `showtell download`, evaluation's outputs, export and promotion. And on gs://, what the emulator
-adds: another client's writes, a `storage.gcs.endpoint` that wins over STORAGE_EMULATOR_HOST, and
-Ray Train's storage through pyarrow's GcsFileSystem (`schemas.stores.arrow_filesystem`).
+adds: preprocess refusing a distributed runner (TensorFlow's GCS client cannot reach the emulator),
+another client's writes, a `storage.gcs.endpoint` that wins over STORAGE_EMULATOR_HOST, and Ray
+Train's storage through pyarrow's GcsFileSystem (`schemas.stores.arrow_filesystem`).
 """
 from __future__ import annotations
 
@@ -193,6 +194,20 @@ def test_download_mirrors_the_sample_to_the_store_through_the_cli(store, root, t
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["generated"] * 3 + ["skipped"] * 3, lines
     assert {f"raw/{name}" for name in MSCOCO_FILES} <= set(_tree(store, root))
+
+
+def test_a_distributed_runner_with_a_gs_run_root_at_an_emulator_fails_naming_its_endpoint(gcs, tmp_path, capsys):
+    """TensorFlow's GCS client (tf.Transform writes through it) reaches only Google's endpoint."""
+    run_root = f"gs://{BUCKET}/dataflow-{tmp_path.name}"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"run_root": run_root, "beam": {"runner": "DataflowRunner"}}), encoding="utf-8")
+
+    assert cli_main(["-q", "preprocess", "--config", str(config)]) == 2
+
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and run_root in error and "DataflowRunner" in error
+    assert f"reaches only Google's endpoint, not {stores.gcs_endpoint()}" in error
+    assert not gcs.exists(run_root)
 
 
 def test_the_config_gcs_endpoint_wins_over_the_environment(gcs, monkeypatch):
