@@ -430,7 +430,10 @@ def _route_logging(quiet: bool) -> None:
         handler.setFormatter(line)
         root.addHandler(handler)
     root.setLevel(logging.WARNING if quiet else logging.INFO)
-    for noisy in ("apache_beam", "tensorflow", "absl", "tensorflow_transform", "tfx_bsl"):
+    # The store clients log a line per file system they make, some outside any step's log.
+    engines = ("apache_beam", "tensorflow", "absl", "tensorflow_transform", "tfx_bsl")
+    store_clients = ("fsspec", "s3fs", "gcsfs", "botocore", "aiobotocore", "google", "urllib3")
+    for noisy in engines + store_clients:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
