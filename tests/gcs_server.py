@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import http.server
 import logging
 import os
 from typing import Iterator, Sequence
 
 import fsspec
 import fsspec.config
+import gcp_storage_emulator.server
 import gcsfs
 import gcsfs.retry
 import pytest
@@ -35,8 +37,14 @@ def gcs_server(buckets: Sequence[str] = ()) -> Iterator[fsspec.AbstractFileSyste
     """An emulated GCS server on a free port of 127.0.0.1 with empty `buckets`, and the environment
     pointing at it (restored after); yields a gcsfs file system on it."""
     port = free_port()
-    server = create_server("127.0.0.1", port, in_memory=True)
-    server.start()
+    with pytest.MonkeyPatch.context() as threaded:
+        # The emulator's HTTPServer serves one connection at a time: a client that holds one open
+        # without finishing its request stalls every other (after test_run_on_stores' SIGKILL, the
+        # resumed run's workers timed out reading their checkpoint). GCS serves connections
+        # concurrently, as this does.
+        threaded.setattr(gcp_storage_emulator.server.server, "HTTPServer", http.server.ThreadingHTTPServer)
+        server = create_server("127.0.0.1", port, in_memory=True)
+        server.start()
     logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)  # a line per request otherwise
     try:
         with pytest.MonkeyPatch.context() as env:
