@@ -1,9 +1,8 @@
 """`showtell train --phase 1` with run_root on S3 (moto on 127.0.0.1, tests/s3_server.py): the workers
-read the shards through the shard cache (trainer/shard_cache.py), and Ray Train keeps its checkpoints
-on the same store (trainer/launcher.py `ray_storage`, pyarrow's S3 file system at AWS_ENDPOINT_URL)."""
+read the shards through the shard cache (trainer/shard_cache.py) the config sets. A whole run on S3,
+checkpoints and resume included, is tests/test_run_on_stores.py."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -56,19 +55,6 @@ def _train_on_s3(preprocessed: Path, tmp_path: Path, name: str, train: dict) -> 
         return cli_main(["-q", "train", "--config", str(config), "--phase", "1"])
     finally:
         ray.shutdown()
-
-
-def test_a_tiny_phase_1_with_run_root_on_s3_trains_and_publishes_final_there(s3, preprocessed, tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    phase1 = {"batch_size": 8, "steps": 20, "checkpoint_every": 10, "checkpoints_kept": 2}
-
-    assert _train_on_s3(preprocessed, tmp_path, "run", {"shuffle_buffer": 64, "phase1": phase1}) == 0
-
-    s3.invalidate_cache()
-    phase = f"{BUCKET}/run/train/phase1"
-    assert json.loads(s3.cat_file(f"{phase}/final/state.json"))["step"] == 20
-    history = [json.loads(line) for line in s3.cat_file(f"{phase}/history.jsonl").decode().splitlines()]
-    assert [row["step"] for row in history] == [10, 20]
 
 
 def test_the_training_workers_read_through_the_configured_shard_cache(s3, preprocessed, tmp_path, capsys):
