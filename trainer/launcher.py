@@ -330,6 +330,11 @@ def worker_resources(config: Config) -> dict[str, float]:
     return per_worker
 
 
+def _fewest_workers(config: Config) -> int:
+    """The workers a phase cannot start without: `ray.min_workers` when training is elastic."""
+    return config.ray.min_workers or config.ray.num_workers
+
+
 def _resources_text(resources: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
 
@@ -337,7 +342,7 @@ def _resources_text(resources: dict[str, float]) -> str:
 def _asked(config: Config) -> str:
     """What the workers ask for in all: `ray.min_workers` of them when training is elastic."""
     per_worker = worker_resources(config)
-    workers = config.ray.min_workers or config.ray.num_workers
+    workers = _fewest_workers(config)
     total = {k: v * workers for k, v in per_worker.items()}
     return f"{workers} training workers x {_resources_text(per_worker)} = {_resources_text(total)}"
 
@@ -356,7 +361,7 @@ def _check_local_resources(config: Config) -> None:
 
     per_worker = worker_resources(config)
     cluster = ray.cluster_resources()
-    workers = config.ray.min_workers or config.ray.num_workers
+    workers = _fewest_workers(config)
     short = sorted(k for k, v in per_worker.items() if v * workers > cluster.get(k, 0.0))
     if not short:
         return
@@ -394,7 +399,7 @@ def _wait_for_placement(config: Config, cluster: str) -> None:
 
     per_worker = worker_resources(config)
     timeout = config.ray.startup_timeout_s
-    group = placement_group([per_worker] * (config.ray.min_workers or config.ray.num_workers), strategy="PACK")
+    group = placement_group([per_worker] * _fewest_workers(config), strategy="PACK")
     try:
         if group.wait(timeout_seconds=min(1.0, timeout)):
             return
