@@ -31,6 +31,12 @@ USER_MISTAKE = 2  # the exit code of a ShowtellError
 OTHER_FAILURE = 1  # the exit code of anything else
 
 
+def first_line(error: BaseException) -> str:
+    """The first non-blank line of an error's message, or its type's name when it has none."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 class ShowtellError(Exception):
     """A bad input, config or environment, with a message that says what and where."""
 

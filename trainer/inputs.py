@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from schemas.config import ShardCache as ShardCacheConfig
 from schemas.config import join_url
-from schemas.errors import ShowtellError
+from schemas.errors import ShowtellError, first_line
 from schemas.records import parse_sequence_example
 from schemas.storage import absolute, fresh_fs, is_local
 from trainer import shard_cache
@@ -48,8 +48,7 @@ def shard_files(data_dir: str, split: str) -> list[str]:
     except FileNotFoundError:
         found = []
     except (OSError, ValueError) as error:  # refused credentials, unreachable endpoint, bad bucket name
-        lines = [line for line in str(error).splitlines() if line.strip()]
-        raise ShowtellError(f"cannot list {pattern}: {lines[0] if lines else type(error).__name__}") from None
+        raise ShowtellError(f"cannot list {pattern}: {first_line(error)}") from None
     if not found:
         raise ShowtellError(f"no {split} shards match {pattern}: run `showtell preprocess` first")
     return found if is_local(pattern) else [fs.unstrip_protocol(name) for name in found]

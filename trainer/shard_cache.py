@@ -27,7 +27,7 @@ from typing import Iterator, Optional, Sequence
 
 import fsspec
 
-from schemas.errors import ShowtellError
+from schemas.errors import ShowtellError, first_line
 from schemas.storage import fresh_fs, is_local
 
 MAX_BYTES_KEY = "train.shard_cache.max_bytes"
@@ -57,16 +57,11 @@ def stat_shards(urls: Sequence[str]) -> list[Shard]:
             except FileNotFoundError:
                 listings[folder] = {}
             except (OSError, ValueError) as error:  # refused credentials, unreachable endpoint, bad bucket name
-                raise ShowtellError(f"cannot read {url}: {_one_line(error)}") from None
+                raise ShowtellError(f"cannot read {url}: {first_line(error)}") from None
         if name not in listings[folder]:
             raise ShowtellError(f"cannot read {url}: no such shard")
         shards.append(Shard(url, listings[folder][name]))
     return shards
-
-
-def _one_line(error: BaseException) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def check_bound(shards: Sequence[Shard], max_bytes: int, at_once: int) -> None:
@@ -198,7 +193,7 @@ class ShardCache:
             failure = error if isinstance(error, ShowtellError) else None
             url = shard.url if shard is not None else self.folder
             with self._changed:
-                self._error = failure or ShowtellError(f"cannot read {url}: {_one_line(error)}")
+                self._error = failure or ShowtellError(f"cannot read {url}: {first_line(error)}")
                 self._changed.notify_all()
             return
         with self._changed:
