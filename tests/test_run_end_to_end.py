@@ -52,13 +52,15 @@ def _cli(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "orchestration.cli", "run", "--config", str(config), *args]
 
 
-def _env() -> dict[str, str]:
+def run_env() -> dict[str, str]:
+    """The environment of a `showtell run` subprocess here."""
     # Ray Train's controller polls every 2 s by default; these runs are seconds long.
     return {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 def _finish(config: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    process = subprocess.run(_cli(config, *args), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    command = _cli(config, *args)
+    process = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
     assert process.returncode == 0, process.stderr[-4000:]
     return process
 
@@ -111,12 +113,12 @@ def killed_and_resumed(tmp_path_factory) -> KilledAndResumed:
     log = tmp_path / "killed-run.log"
     with open(log, "w") as output:
         first = subprocess.Popen(
-            _cli(config), cwd=REPO, env=_env(), stdout=output, stderr=output, start_new_session=True
+            _cli(config), cwd=REPO, env=run_env(), stdout=output, stderr=output, start_new_session=True
         )
     try:
         checkpoints = root / "train" / "phase1"
         _wait_for(lambda: _step_state(root, "train-phase1") == RUNNING, 300, "train-phase1 to start", first, log)
-        refused = subprocess.run(_cli(config), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+        refused = subprocess.run(_cli(config), cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
 
         def has_checkpoint() -> bool:
             # history.jsonl starts empty and gets a row once the checkpoint holding it is committed.
@@ -236,7 +238,7 @@ def test_a_quiet_run_whose_promotion_is_held_back_prints_nothing_and_exits_0(kil
 
     # As the previous test left it (eval.beam_size=2): only promote runs, forced.
     args = ("--set", "eval.beam_size=2", "--force", "promote", "--quiet")
-    done = subprocess.run(_cli(config, *args), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_cli(config, *args), cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
 
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")  # cron mails nothing: the gate did its job
     decision = json.loads((root / "promote.json").read_text())

@@ -28,7 +28,7 @@ from tests.console import ENGINE_INTERNALS
 from tests.gcs_server import gcs_fixture
 from tests.run_table import REPO, config_file
 from tests.s3_server import s3_fixture
-from tests.test_run_end_to_end import TINY
+from tests.test_run_end_to_end import TINY, run_env
 
 pytestmark = pytest.mark.slow
 
@@ -86,10 +86,6 @@ def _cli(config: Path) -> list[str]:
     return [sys.executable, "-c", CLI, "run", "--config", str(config), "--progress-every", "5"]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
 def _read_json(fs: fsspec.AbstractFileSystem, path: str):
     try:
         return json.loads(fs.cat_file(path))
@@ -131,7 +127,7 @@ def store_run(request, source, tmp_path_factory) -> StoreRun:
     log = folder / "killed-run.log"
     with open(log, "w") as output:
         first = subprocess.Popen(
-            _cli(config), cwd=REPO, env=_env(), stdout=output, stderr=output, start_new_session=True
+            _cli(config), cwd=REPO, env=run_env(), stdout=output, stderr=output, start_new_session=True
         )
     try:
         deadline = time.monotonic() + 600
@@ -146,7 +142,7 @@ def store_run(request, source, tmp_path_factory) -> StoreRun:
     fs.invalidate_cache()
     manifest_at_kill = _read_json(fs, f"{root}/{MANIFEST_FILE}")
     assert fs.exists(f"{root}/{LOCK_FILE}")
-    resumed = subprocess.run(_cli(config), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(_cli(config), cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     fs.invalidate_cache()
     return StoreRun(fs, f"{url}/run", history_at_kill, manifest_at_kill, resumed)
