@@ -27,7 +27,7 @@ from schemas.layout import RUN_REPORT_FILE
 from tests.datasets import make_defective_dataset
 from tests.run_table import REPO, config_file
 from tests.test_eval_report import Outline
-from tests.test_run_end_to_end import TINY, _env, _finish
+from tests.test_run_end_to_end import TINY, _finish, run_env
 
 STEPS = ("download", "preprocess", "train-phase1", "train-phase2", "evaluate", "export", "promote")
 
@@ -172,7 +172,7 @@ def tiny_run_once(tmp_path_factory) -> TinyRun:
         _finish(config, "--set", "train.phase2.steps=2", "--until", "train-phase2")
         _finish(config)
         command = [sys.executable, "-m", "orchestration.cli", "report", "--config", str(config)]
-        report = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        report = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
         _TINY_RUN.append(TinyRun(config, root, report))
     return _TINY_RUN[0]
 
