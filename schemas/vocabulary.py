@@ -11,9 +11,14 @@ words), so none of them needs the others' packages. No Apache Beam, no TensorFlo
                                dog 5
     word id                its 0-based line number:    Vocabulary.ids(["<S>", "a", "zebra"]) -> [1, 0, 4]
     <UNK>                  id len(words), for every other word
+    vocabulary id          `vocabulary_id(words)`: 16 hex digits of the SHA-256 of the words in id
+                           order (counts left out): every artefact built with a vocabulary records it
+                           (the preprocess report, checkpoints' state.json, exports, model.json), and
+                           loading one under a vocabulary with another id is refused
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -51,9 +56,22 @@ class Vocabulary:
             object.__setattr__(self, "_cached_index", cached)
         return cached
 
+    @property
+    def id(self) -> str:
+        """The vocabulary's identity: `vocabulary_id(self.words)`."""
+        return vocabulary_id(self.words)
+
     def to_word_counts(self) -> str:
         """im2txt's word_counts.txt: one `word count` a line, in id order."""
         return "".join(f"{word} {count}\n" for word, count in zip(self.words, self.counts))
+
+
+def vocabulary_id(words: Sequence[str]) -> str:
+    """16 hex digits of the SHA-256 of `words` in id order, one a line: equal ids, equal word ids.
+
+        vocabulary_id(["a", "<S>", "</S>"]) != vocabulary_id(["<S>", "a", "</S>"])   # order counts
+    """
+    return hashlib.sha256("".join(f"{word}\n" for word in words).encode("utf-8")).hexdigest()[:16]
 
 
 def parse_word_counts(text: str) -> Vocabulary:

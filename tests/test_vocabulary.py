@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from pipelines.vocabulary import lookup_counted_vocabulary, parse_tft_vocabulary
-from schemas.vocabulary import Vocabulary, parse_word_counts
+from schemas.vocabulary import Vocabulary, parse_word_counts, vocabulary_id
 
 TFT_LINES = ["9 a\n", "7 <S>\n", "7 </S>\n", "5 dog\n", "4 café\n", "4 .\n", "4 n't\n"]
 VOCAB = Vocabulary(("a", "<S>", "</S>", "dog", "café", ".", "n't"), (9, 7, 7, 5, 4, 4, 4))
@@ -43,6 +43,16 @@ def test_word_counts_of_an_empty_vocabulary_is_empty_and_round_trips():
     assert empty.to_word_counts() == ""
     assert parse_word_counts("") == empty
     assert empty.ids(["a"]) == [0]
+
+
+def test_vocabulary_id_depends_on_the_words_in_order_and_not_on_the_counts():
+    vocabulary = parse_word_counts("a 9\n<S> 7\n</S> 7\ndog 5\n")
+    recounted = parse_word_counts("a 90\n<S> 70\n</S> 70\ndog 50\n")
+    reordered = parse_word_counts("<S> 9\na 7\n</S> 7\ndog 5\n")
+    grown = parse_word_counts("a 9\n<S> 7\n</S> 7\ndog 5\ncat 4\n")
+    assert vocabulary.id == recounted.id == vocabulary_id(["a", "<S>", "</S>", "dog"])
+    assert len({vocabulary.id, reordered.id, grown.id}) == 3
+    assert len(vocabulary.id) == 16 and int(vocabulary.id, 16) >= 0
 
 
 def test_ids_are_line_numbers_and_unknown_words_get_len_vocab():
