@@ -25,6 +25,7 @@ import yaml
 from orchestration.cli import main as cli_main
 from schemas import progress
 from schemas.config import load_config
+from schemas.vocabulary import parse_word_counts
 from trainer import checkpoints as ckpt
 
 pytestmark = pytest.mark.slow
@@ -313,6 +314,7 @@ def test_phase1_publishes_a_complete_final_checkpoint(two_phases, data_dir):
     assert config["model"] == {**config["model"], **MODEL} and config["train"]["phase1"]["steps"] == 9
     state = json.loads((final / "state.json").read_text())
     assert state["phase"] == 1 and state["step"] == 9 and len(state["fingerprint"]) == 64
+    assert state["vocabulary_id"] == parse_word_counts((data_dir / "word_counts.txt").read_text()).id
     assert not list(final.parent.glob("final.*"))  # no staging or old copies left behind
     # Ray keeps `checkpoints_kept` of them.
     kept = sorted(p.name for p in final.parent.glob("checkpoint_0*"))

@@ -31,7 +31,7 @@ from schemas import progress, stores
 from schemas.config import Config, join_url
 from schemas.errors import ShowtellError
 from schemas.layout import FINAL_DIR, HISTORY_FILE, PREPROCESS_REPORT_FILE
-from schemas.vocabulary import WORD_COUNTS_FILE
+from schemas.vocabulary import WORD_COUNTS_FILE, parse_word_counts
 from trainer import checkpoints as ckpt
 from trainer.train_loop import TrainJob, train_loop_per_worker
 
@@ -98,6 +98,7 @@ def plan_phase(config: Config, phase: int) -> PhasePlan:
         data_dir=data_dir,
         phase_dir=phase_dir,
         vocab_size=resolve_vocab_size(config.model, word_counts),
+        vocabulary_id=parse_word_counts(word_counts).id,
         global_batch=global_batch,
         steps_per_epoch=examples / global_batch,
         init_dir=init_dir,

@@ -57,6 +57,7 @@ class TrainJob:
     data_dir: str  # absolute path or URL of the preprocessed records
     phase_dir: str  # `<run_root>/train/phaseN`: history.jsonl, tensorboard/, Ray's checkpoints
     vocab_size: int
+    vocabulary_id: str  # `schemas.vocabulary.vocabulary_id` of the data's word_counts.txt: recorded in every checkpoint
     global_batch: int  # per-worker batch x workers
     steps_per_epoch: float  # examples per epoch / global batch (for the learning-rate decay)
     init_dir: Optional[str] = None  # phase 2: phase 1's final/ (used only when no checkpoint exists)
@@ -363,6 +364,7 @@ class Reporter:
             "fingerprint": ckpt.weights_fingerprint(model),
             "init_fingerprint": state.init_fingerprint,
             "vocab_size": self.job.vocab_size,
+            "vocabulary_id": self.job.vocabulary_id,
             "global_batch": self.job.global_batch,
             "metrics": state.history[-1],
             "history": state.history,
