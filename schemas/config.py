@@ -199,6 +199,17 @@ class ShardCache(_Strict):
 class Train(_Strict):
     phase1: Phase1 = Phase1()  # encoder frozen
     phase2: Phase2 = Phase2()  # fine-tune, from phase 1's final checkpoint
+    # Where training starts (trainer/warm_start.py): `none` (phase 1 from scratch, then phase 2 from
+    # phase 1: im2txt); `promoted` (the model promoted in promote.models_root when the run began, as
+    # the run's baseline; with none promoted yet, as `none`); or the URL of a `final/` checkpoint or a
+    # `showtell export` folder. A warm start skips phase 1: phase 2 fine-tunes the model's weights for
+    # `warm_start_steps` steps, its vocabulary remapped to the data's (words kept, added, dropped).
+    init_from: str = Field("none", min_length=1)
+    warm_start_steps: int = Field(20_000, gt=0)  # phase 2's steps when it starts from train.init_from
+    # Wall-clock limit of each training phase, in minutes (null: none): once past it, every worker
+    # stops after the step it is on, and that step is checkpointed and published as the phase's
+    # final/, its state.json saying `stopped: max_minutes`. A later `showtell train` trains on.
+    max_minutes: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
     # Training examples per epoch (for the decay schedule); null: records written to train shards.
     num_examples_per_epoch: Optional[int] = Field(None, gt=0)
     mixed_precision: Literal["off", "bf16", "fp16"] = "off"  # compute dtype on GPUs; off on CPU

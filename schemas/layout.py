@@ -11,6 +11,9 @@ Every stage that writes a file and every stage that reads it take its name from 
             preprocess_report.json            counts per split, skips by reason (written last)
             schema.pbtxt                      the records as a tensorflow-metadata schema
             transform_fn/, transformed_metadata/   tf.Transform's graph
+        baseline.json                         the model promoted when the run began (or none): its baseline
+        train/warm_start/                     a warm start's initial weights, remapped to the data's
+                                              vocabulary: model.weights.h5, word_counts.txt, state.json
         train/phaseN/                         one training phase (Ray Train's run folder)
             checkpoint_000000200/             a checkpoint Ray keeps: model.weights.h5, optimizer.npz, state.json
             history.jsonl                     one line per report
@@ -42,6 +45,7 @@ STATE_FILE = "state.json"  # phase, step, weights fingerprint, metrics; marks a 
 CONFIG_FILE = "config.yaml"  # the run's whole config, published with final/
 HISTORY_FILE = "history.jsonl"  # one JSON object a line, oldest first: a phase's reports, a models root's decisions
 FINAL_DIR = "final"  # a phase's published result: everything inference needs
+WARM_START_DIR = "warm_start"  # train/warm_start/: the weights a warm-started phase 2 starts from
 TENSORBOARD_DIR = "tensorboard"  # a phase's TensorBoard event files
 
 # --- evaluation: <run_root>/eval/ ---------------------------------------------------------------
@@ -58,6 +62,7 @@ LOGS_DIR = "logs"  # logs/<step>.log: everything a step's engines printed (Ray, 
 EXPORT_DIR = "export"  # the SavedModel of the best checkpoint
 BEST_DIR = "best"  # best/final/: the best checkpoint published, when it is an intermediate one
 DECISION_FILE = "promote.json"  # this run's promotion decision
+BASELINE_FILE = "baseline.json"  # the model promoted when the run began, pinned for the whole run
 RUN_REPORT_FILE = "report.html"  # <run_root>/report.html: the whole run on one page (orchestration/run_report.py)
 MODELS_DIR = "models"  # promote.models_root when it is null
 
