@@ -8,8 +8,10 @@
 The steps (`orchestration.steps.STEPS`) run in order under a lock on run_root
 (`orchestration.lock`). Before each step its fingerprint (its config keys, its input files and
 when the step before it was last done; `orchestration.manifest`) is compared with the one the
-manifest recorded. A step is skipped when it is `done`, its fingerprint is unchanged and its
-outputs exist. Otherwise it runs, in one of two ways:
+manifest recorded. A fingerprint does not depend on how run_root is spelled, nor on where the
+run folder lies: a folder reached by a relative or an absolute path, or copied to another place
+or store, is up to date wherever its content is unchanged. A step is skipped when it is `done`,
+its fingerprint is unchanged and its outputs exist. Otherwise it runs, in one of two ways:
 
 - resumed: its fingerprint is unchanged but it was left `running` (a killed run), `failed`, or its
   outputs are gone; or the only change is that one of its `extendable` keys grew (a phase's
@@ -43,6 +45,7 @@ from orchestration.manifest import (
     FAILED,
     RUNNING,
     Manifest,
+    Places,
     config_values,
     describe_change,
     fingerprint,
@@ -90,13 +93,14 @@ def assess(config: Config, steps: Sequence[Step], index: int, manifest: Manifest
     """Step `index` against its manifest record (the steps before it as they are recorded now)."""
     step = steps[index]
     upstream = upstream_token(steps[index - 1].name, manifest.step(steps[index - 1].name)) if index else None
-    basis = make_basis(config_values(config, step.keys(config)), step.inputs(config), upstream)
+    values = config_values(config, step.keys(config))
+    basis = make_basis(values, step.inputs(config), upstream, Places.of(config), manifest.signer)
     fingerprint_now = fingerprint(basis)
     record = manifest.step(step.name)
     if record is None:
         return Assessment(basis, fingerprint_now, None, "not run before", resume=False)
     if record.get("fingerprint") != fingerprint_now:
-        reason = describe_change(record.get("basis"), basis, config.run_root)
+        reason = describe_change(record.get("basis"), basis)
         extended = only_grown(record.get("basis"), basis, step.extendable)
         return Assessment(basis, fingerprint_now, record, reason, resume=extended)
     if record["state"] == RUNNING:
@@ -197,6 +201,8 @@ def run_pipeline(
             outcomes.append(
                 _run_step(config, step, manifest, assessment, reason, fresh, lock.run_id, echo_to)
             )
+        if manifest.signer.updated:  # big files hashed for steps skipped since the last save
+            manifest.save()
     return RunResult(lock.run_id, manifest.url, outcomes)
 
 
