@@ -4,6 +4,7 @@ staleness, outputs, and what `showtell run` would do with it now.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,36 @@ def test_status_says_which_steps_follow_one_that_will_rerun(root):
 
     assert rows["fetch"].next_run == "skip"
     assert rows["train"].next_run == rows["score"].next_run == "run: after prepare re-runs"
+
+
+def _all_current(rows) -> bool:
+    return [(row.fingerprint, row.next_run) for row in rows] == [("current", "skip")] * len(TABLE)
+
+
+def test_status_is_current_whether_run_root_is_spelled_relative_absolute_or_through_a_symlink(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "alias").symlink_to(tmp_path)
+    run_table(Path("run"))
+
+    for spelling in (Path("run"), tmp_path / "run", tmp_path / "alias" / "run"):
+        assert _all_current(step_status(run_config(spelling), TABLE)), spelling
+
+
+def test_status_is_current_for_a_run_made_through_an_absolute_path_and_reached_relative(tmp_path, monkeypatch):
+    run_table(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+
+    assert _all_current(step_status(run_config(Path("run")), TABLE))
+
+
+def test_status_of_a_copied_run_folder_is_current_until_an_input_changes_there(root, tmp_path):
+    run_table(root)
+    copy = tmp_path / "elsewhere" / "run"
+    shutil.copytree(root, copy)
+
+    assert _all_current(step_status(run_config(copy), TABLE))
+    (copy / "prepare.txt").write_text("edited by hand")
+    rows = {row.name: row for row in step_status(run_config(copy), TABLE)}
+    assert (rows["prepare"].fingerprint, rows["prepare"].next_run) == ("current", "skip")
+    assert (rows["train"].fingerprint, rows["train"].next_run) == ("stale", "run: input prepare.txt changed")
+    assert _all_current(step_status(run_config(root), TABLE))  # the original is untouched
