@@ -6,7 +6,8 @@
 
 `build_preprocess_pipeline` is the pure factory (it only adds transforms to a Pipeline);
 `run_preprocess` is the runner: it checks the inputs, runs the pipeline into a staging folder,
-completes the shard set, writes the report, and only then publishes everything as
+completes the shard set, writes the report and the records' schema (both name the vocabulary by
+its id, `schemas.vocabulary.vocabulary_id`), and only then publishes everything as
 `<run_root>/data/` (`schemas.storage.publish_dir`), so a failed run never leaves half-written outputs there.
 
 Shards, word_counts.txt and the report are written with fsspec (any store); tf.Transform writes
@@ -367,7 +368,7 @@ def run_preprocess(config: Config) -> dict:
         vocabulary = parse_word_counts(read_text(join_url(staging, WORD_COUNTS_FILE)))
         report = build_report(tallies, plan.shards, plan.min_word_count, vocabulary, time.time() - started)
         report["output_dir"] = config.data_dir
-        write_text(join_url(staging, RECORD_SCHEMA_FILE), records.record_schema_text())
+        write_text(join_url(staging, RECORD_SCHEMA_FILE), records.record_schema_text(vocabulary.id))
         write_text(join_url(staging, PREPROCESS_REPORT_FILE), json.dumps(report, indent=2, sort_keys=True) + "\n")
     log.info("preprocess: %d records in %.1f s", report["records_written"], report["seconds"])
     return report

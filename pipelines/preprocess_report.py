@@ -13,12 +13,13 @@ listed, written and skipped (by reason), and checks that they add up. For exampl
                           "captions": {"listed": 1670, "written": 1665, "skipped": {"empty_file": 5},
                                        "lengths": {"6": 410, "7": 802, ...}},
                           "records_written": 1665}, "val": ..., "test": ...},
-     "vocabulary": {"words": 41, "unknown_id": 41, "min_word_count": 4},
+     "vocabulary": {"words": 41, "unknown_id": 41, "min_word_count": 4, "id": "3f1c0d5e9a7b2468"},
      "annotations": {"orphan_annotations": 0, ...}, "records_written": 2415, "seconds": 27.3}
 
 `skipped_files` names the first `SKIPPED_FILES_KEPT` skipped files per reason (by name); `size`
 sums up the written images' widths and heights in pixels; `lengths` counts the written captions
-by their number of tokens, `<S>` and `</S>` not counted.
+by their number of tokens, `<S>` and `</S>` not counted; the vocabulary's `id` is word_counts.txt's
+`schemas.vocabulary.vocabulary_id`, the identity every checkpoint and export built on this data records.
 """
 from __future__ import annotations
 
@@ -115,6 +116,7 @@ def build_report(
             "words": len(vocabulary.words),
             "unknown_id": vocabulary.unknown_id,
             "min_word_count": min_word_count,
+            "id": vocabulary.id,
         },
         "annotations": nested.get("annotations", {}),
         "records_written": sum(s["records_written"] for s in splits.values()),

@@ -8,10 +8,16 @@ One `tf.train.SequenceExample` per (image, caption) pair (docs/im2txt.md, "Data"
                    image/caption_ids  int64   the tokens' ids:   [1, 4, 230, 2]
 
 Shards are named like im2txt's: `train-00000-of-00256`.
+
+Their tensorflow-metadata schema (`record_schema`) is `schemas/schema.pbtxt`; the one preprocessing
+writes next to the shards (`data/schema.pbtxt`) also names the vocabulary of `image/caption_ids`,
+by its id (`schemas.vocabulary.vocabulary_id`), as that feature's natural-language domain:
+
+    feature { name: "image/caption_ids" ... natural_language_domain { vocabulary: "3f1c0d5e9a7b2468" } }
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 IMAGE_ID_KEY = "image/image_id"
 IMAGE_DATA_KEY = "image/data"
@@ -87,8 +93,11 @@ def parse_sequence_example(serialized):
     return context[IMAGE_ID_KEY], context[IMAGE_DATA_KEY], sequence[CAPTION_IDS_KEY]
 
 
-def record_schema():
-    """The records as a tensorflow-metadata Schema (what `schemas/schema.pbtxt` holds)."""
+def record_schema(vocabulary_id: Optional[str] = None):
+    """The records as a tensorflow-metadata Schema: what `schemas/schema.pbtxt` holds, and with a
+    `vocabulary_id`, what `data/schema.pbtxt` holds: `image/caption_ids` then has a
+    natural_language_domain whose `vocabulary` (the name TFDV's `StatsOptions.vocab_paths` maps
+    to a vocabulary file) is that id, the vocabulary its values are word ids of."""
     from tensorflow_metadata.proto.v0 import schema_pb2
 
     schema = schema_pb2.Schema()
@@ -101,10 +110,27 @@ def record_schema():
         feature = sequence.struct_domain.feature.add(name=name, type=kind)
         feature.value_count.min = 2  # at least <S> and </S>
         feature.presence.min_fraction = 1.0
+        if name == CAPTION_IDS_KEY and vocabulary_id is not None:
+            feature.natural_language_domain.vocabulary = vocabulary_id
     return schema
 
 
-def record_schema_text() -> str:
+def record_schema_text(vocabulary_id: Optional[str] = None) -> str:
+    """`record_schema(vocabulary_id)` as protobuf text (schema.pbtxt)."""
     from google.protobuf import text_format
 
-    return text_format.MessageToString(record_schema())
+    return text_format.MessageToString(record_schema(vocabulary_id))
+
+
+def schema_vocabulary_id(schema_text: str) -> Optional[str]:
+    """The vocabulary id a schema.pbtxt names for `image/caption_ids`; None when it names none
+    (`schemas/schema.pbtxt`, or data preprocessed before showtell recorded it)."""
+    from google.protobuf import text_format
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    schema = text_format.Parse(schema_text, schema_pb2.Schema())
+    for feature in schema.feature:
+        for inner in feature.struct_domain.feature:
+            if inner.name == CAPTION_IDS_KEY and inner.natural_language_domain.vocabulary:
+                return inner.natural_language_domain.vocabulary
+    return None

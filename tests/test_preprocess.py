@@ -18,7 +18,7 @@ from pipelines.captions import split_of_val_position, tokenize_caption
 from pipelines.preprocess import run_preprocess
 from schemas import progress, records
 from schemas.config import build_config
-from schemas.layout import PREPROCESS_REPORT_FILE
+from schemas.layout import PREPROCESS_REPORT_FILE, RECORD_SCHEMA_FILE
 from schemas.tfrecord import read_records
 from schemas.vocabulary import WORD_COUNTS_FILE, parse_word_counts
 from tests.datasets import Layout, make_defective_dataset
@@ -137,6 +137,14 @@ def test_vocabulary_is_training_counts_at_or_over_the_threshold(preprocessed, da
     assert list(vocabulary.counts) == sorted(vocabulary.counts, reverse=True)
     assert "<S>" in vocabulary.words and "</S>" in vocabulary.words
     assert report["vocabulary"]["unknown_id"] == len(vocabulary.words)
+
+
+def test_the_report_and_the_records_schema_name_the_vocabulary_by_its_id(preprocessed):
+    report, data_dir, _ = preprocessed
+    vocabulary = parse_word_counts((data_dir / WORD_COUNTS_FILE).read_text(encoding="utf-8"))
+
+    assert report["vocabulary"]["id"] == vocabulary.id
+    assert records.schema_vocabulary_id((data_dir / RECORD_SCHEMA_FILE).read_text(encoding="utf-8")) == vocabulary.id
 
 
 def test_every_record_decodes_with_tf_and_parses_with_tf_data(preprocessed):

@@ -176,3 +176,20 @@ def test_schema_covers_exactly_the_encoded_features():
 
     assert context == set(example.context.feature)
     assert {f.name for f in sequence.struct_domain.feature} == set(example.feature_lists.feature_list)
+
+
+def test_the_datas_schema_names_the_vocabulary_of_the_caption_ids_and_loads_with_tensorflow_metadata():
+    from google.protobuf import text_format
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    text = records.record_schema_text("3f1c0d5e9a7b2468")
+    schema = text_format.Parse(text, schema_pb2.Schema())
+    (sequence,) = [f for f in schema.feature if f.name == records.SEQUENCE_COLUMN]
+    domains = {f.name: f.WhichOneof("domain_info") for f in sequence.struct_domain.feature}
+    (caption_ids,) = [f for f in sequence.struct_domain.feature if f.name == records.CAPTION_IDS_KEY]
+    caption_ids.ClearField("natural_language_domain")
+
+    assert records.schema_vocabulary_id(text) == "3f1c0d5e9a7b2468"
+    assert domains == {records.CAPTION_KEY: None, records.CAPTION_IDS_KEY: "natural_language_domain"}
+    assert schema == records.record_schema()  # the checked-in schema, plus that domain only
+    assert records.schema_vocabulary_id(SCHEMA_FILE.read_text(encoding="utf-8")) is None
