@@ -14,6 +14,10 @@ Both run the two `Endpoints` tf.functions, fixed signatures so beam search trace
 same functions are what `inference.export` saves as the SavedModel's signatures, so a checkpoint
 and its export decode, preprocess (`trainer.inputs.preprocess_image`, eval mode, inside the
 graph) and caption identically.
+
+Either is loaded only with its own vocabulary: a final/ whose word_counts.txt is not the one its
+state.json records, or an export whose word_counts.txt is not the one its showtell_export.json
+records (`vocabulary_id`), is refused; one written before showtell recorded it is taken as it is.
 """
 from __future__ import annotations
 
@@ -249,13 +253,14 @@ def source_kind(path: str) -> str:
 def load_captioner(path: str) -> Captioner:
     """A Captioner from a published `final/` checkpoint or a `showtell export` SavedModel
     folder, at a local path or any fsspec URL. ShowtellError naming `path` if it is missing,
-    neither of the two, or does not load."""
+    neither of the two, does not load, or holds a word_counts.txt that is not its own."""
     kind = source_kind(path)
     log.info("loading the %s at %s", kind, path)
     try:
         return _load_saved_model(path) if kind == SAVED_MODEL else _load_final(path)
     except ShowtellError as error:
-        raise ShowtellError(f"{path}: {error}") from None
+        text = str(error)
+        raise ShowtellError(text if text.startswith(f"{path}: ") else f"{path}: {text}") from None
     except (OSError, ValueError, KeyError, yaml.YAMLError, tf.errors.OpError) as error:
         lines = str(error).strip().splitlines()
         raise ShowtellError(f"{path}: cannot load this {kind}: {lines[0] if lines else type(error).__name__}") from None
@@ -270,9 +275,15 @@ def _load_saved_model(path: str) -> Captioner:
     metadata = read_json(join_url(path, EXPORT_METADATA_FILE))
     if metadata is None:
         raise ShowtellError(f"a SavedModel without {EXPORT_METADATA_FILE}: not written by `showtell export`")
+    vocabulary = parse_word_counts(read_text(join_url(path, WORD_COUNTS_FILE)))
+    recorded = metadata.get("vocabulary_id")  # None in an export written before showtell recorded it
+    if recorded is not None and recorded != vocabulary.id:
+        raise ShowtellError(
+            f"its {EXPORT_METADATA_FILE} records vocabulary {recorded} but its {WORD_COUNTS_FILE} is vocabulary "
+            f"{vocabulary.id}: an inconsistent export; put back the {WORD_COUNTS_FILE} it was exported with"
+        )
     with tempfile.TemporaryDirectory(prefix="showtell-saved-model-") as scratch:
         local = ckpt.fetch_dir(path, os.path.join(scratch, "saved_model"))
         loaded = tf.saved_model.load(local)  # variables are restored into memory: scratch may go
-    vocabulary = parse_word_counts(read_text(join_url(path, WORD_COUNTS_FILE)))
     endpoints = Endpoints(loaded.initial_state, loaded.step, owner=loaded)
     return Captioner(endpoints, vocabulary, metadata["image_size"], metadata["vocab_size"])

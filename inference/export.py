@@ -7,7 +7,10 @@ and for `showtell caption` (docs/im2txt.md, "Inference", and "What im2txt's user
                                      no showtell or Keras model classes needed
     OUT/word_counts.txt              the vocabulary: word id = line number, <UNK> = number of lines
     OUT/showtell_export.json         image_size, vocab_size, start_id (<S>), end_id (</S>),
-                                     unknown_id, num_lstm_units, the source checkpoint and its step
+                                     unknown_id, num_lstm_units, vocabulary_id (word_counts.txt's
+                                     `schemas.vocabulary.vocabulary_id`: loading the export under
+                                     another word_counts.txt is refused), the source checkpoint
+                                     and its step
 
 Signatures (N images, or N beams; `units` = model.num_lstm_units, `vocab` = the model's vocab_size),
 also the loaded object's methods (`tf.saved_model.load(OUT).step(input_words, state_h, state_c)`):
@@ -46,7 +49,7 @@ from schemas.config import join_url
 from schemas.errors import ShowtellError
 from schemas.layout import EXPORT_METADATA_FILE, STATE_FILE
 from schemas.storage import absolute, is_local, publish_dir, read_json, read_text, write_text
-from schemas.vocabulary import WORD_COUNTS_FILE
+from schemas.vocabulary import WORD_COUNTS_FILE, vocabulary_id
 
 log = logging.getLogger("showtell.export")
 
@@ -81,6 +84,7 @@ def export_saved_model(checkpoint: str, out: str) -> str:
         "start_id": captioner.start_id,
         "end_id": captioner.end_id,
         "unknown_id": len(captioner.words),
+        "vocabulary_id": vocabulary_id(captioner.words),
     }
 
     with publish_dir(out, marker=EXPORT_METADATA_FILE) as staging, tempfile.TemporaryDirectory(

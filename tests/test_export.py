@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,8 +21,8 @@ from orchestration.cli import main as cli_main
 from schemas.errors import ShowtellError
 from schemas.layout import EXPORT_METADATA_FILE
 from schemas.storage import remove
-from schemas.vocabulary import WORD_COUNTS_FILE
-from tests.captioning import MODEL, NUM_WORDS, assert_same_captions, image, publish_tiny_final
+from schemas.vocabulary import WORD_COUNTS_FILE, parse_word_counts
+from tests.captioning import MODEL, NUM_WORDS, WORD_COUNTS, assert_same_captions, image, publish_tiny_final
 
 UNITS = MODEL["num_lstm_units"]
 IMAGES = [image(0), image(1, "PNG"), image(2)]
@@ -143,6 +144,7 @@ def test_the_export_folder_holds_vocabulary_and_metadata_and_nothing_half_writte
         "start_id": 1,
         "end_id": 2,
         "unknown_id": NUM_WORDS,
+        "vocabulary_id": parse_word_counts(WORD_COUNTS).id,
     }
     assert [name for name in os.listdir(folder.parent) if ".staging-" in name] == []
 
@@ -181,3 +183,28 @@ def test_a_corrupt_saved_model_is_a_clear_error(exported, tmp_path):
         load_captioner(str(corrupt))
     assert str(raised.value).startswith(f"{corrupt}: cannot load this SavedModel: ")
     assert "\n" not in str(raised.value)
+
+
+def test_an_export_whose_word_counts_is_not_the_vocabulary_it_records_is_refused(exported, tmp_path):
+    replaced = tmp_path / "replaced"
+    shutil.copytree(exported, replaced)
+    swapped = WORD_COUNTS.replace("red 40\nblue 35\n", "blue 40\nred 35\n")  # as many words, another order
+    (replaced / WORD_COUNTS_FILE).write_text(swapped)
+
+    with pytest.raises(ShowtellError) as raised:
+        load_captioner(str(replaced))
+    assert str(raised.value) == (
+        f"{replaced}: its {EXPORT_METADATA_FILE} records vocabulary {parse_word_counts(WORD_COUNTS).id} but its "
+        f"word_counts.txt is vocabulary {parse_word_counts(swapped).id}: an inconsistent export; put back the "
+        "word_counts.txt it was exported with"
+    )
+
+
+def test_an_export_that_records_no_vocabulary_loads_as_it_is(exported, tmp_path):
+    older = tmp_path / "older"
+    shutil.copytree(exported, older)
+    metadata = json.loads((older / EXPORT_METADATA_FILE).read_text())
+    del metadata["vocabulary_id"]  # as `showtell export` wrote it before it recorded the vocabulary
+    (older / EXPORT_METADATA_FILE).write_text(json.dumps(metadata))
+
+    assert load_captioner(str(older)).words == list(parse_word_counts(WORD_COUNTS).words)

@@ -4,7 +4,7 @@
         checkpoint_000000200/                a checkpoint Ray keeps (`train.phaseN.checkpoints_kept` newest)
             model.weights.h5                 Keras weights of the whole ShowAndTell model
             optimizer.npz                    the optimizer's variables (iterations, slots), in order
-            state.json                       phase, step, weights fingerprint, every report so far
+            state.json                       phase, step, weights fingerprint, vocabulary id, every report so far
         checkpoint_manager_snapshot.json     Ray's own index of its checkpoints
         history.jsonl                        one line per report, in step order (rank 0 rewrites it)
         tensorboard/                         loss, perplexity, learning rate (rank 0)
@@ -15,6 +15,13 @@ Checkpoints are written by rank 0 into a local temp folder and handed to `ray.tr
 copies them into the run folder, so a crash mid-write never becomes Ray's "latest". `final/` is
 assembled in a staging sibling and published whole (`schemas.storage.publish_dir`). Every path is a local path or an
 fsspec URL (gs://, s3://, ...).
+
+The vocabulary contract: a checkpoint's state.json records the `vocabulary_id`
+(`schemas.vocabulary.vocabulary_id`) of the word_counts.txt it was trained with, and it is used
+with no other (`check_vocabulary`): loading a kept checkpoint under another word_counts.txt,
+publishing it with one, or loading a final/ whose own word_counts.txt is not the one its state.json
+names, is refused. A state.json without `vocabulary_id` (written before showtell recorded it) is
+taken as it is: there is nothing to check it against.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ from schemas.config import Model, join_url
 from schemas.errors import ShowtellError
 from schemas.layout import CONFIG_FILE, FINAL_DIR, OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE
 from schemas.storage import absolute, exists, is_local, publish_dir, read_json, read_text, write_text
-from schemas.vocabulary import WORD_COUNTS_FILE
+from schemas.vocabulary import WORD_COUNTS_FILE, parse_word_counts
 
 if TYPE_CHECKING:
     from trainer.model import ShowAndTell
@@ -93,6 +100,27 @@ def read_state(directory: str) -> dict:
         return json.load(handle)
 
 
+def check_vocabulary(state: dict, word_counts: str, checkpoint: str, source: Optional[str] = None) -> None:
+    """Refuses, with a one-line ShowtellError naming both ids, the checkpoint at `checkpoint` whose
+    `state` (its state.json) records another vocabulary than `word_counts` (a word_counts.txt's
+    text), the one it is about to be used with: its word ids would mean other words. `source` says
+    where `word_counts` comes from; None when it is the checkpoint's own (a final/'s), which makes a
+    mismatch an inconsistent final/. A state without `vocabulary_id` passes (see above)."""
+    recorded = state.get("vocabulary_id")
+    given = parse_word_counts(word_counts).id
+    if recorded is None or recorded == given:
+        return
+    if source is None:
+        raise ShowtellError(
+            f"{checkpoint}: its {STATE_FILE} records vocabulary {recorded} but its {WORD_COUNTS_FILE} is vocabulary "
+            f"{given}: an inconsistent checkpoint; put back the {WORD_COUNTS_FILE} of the data it was trained on"
+        )
+    raise ShowtellError(
+        f"checkpoint {checkpoint} was trained on vocabulary {recorded}, not on {given} ({source}): "
+        f"use it with the {WORD_COUNTS_FILE} of the data it was trained on"
+    )
+
+
 def fetch_dir(url: str, local_dir: str) -> str:
     """The folder at `url` as a local path: itself when local, else downloaded into `local_dir`."""
     if is_local(url):
@@ -139,10 +167,11 @@ class CheckpointLoader:
         kept.model is final.model   # True when both have the same model config and vocabulary
 
     A published `final/` is built from its own config.yaml and word_counts.txt; one of Ray's kept
-    checkpoints holds weights only, so the caller names its model config and vocabulary. The
-    loaded weights must match the fingerprint in the checkpoint's state.json, so a garbled file
-    that still loads is caught too (a ShowtellError); a file that does not load raises what
-    loading raised.
+    checkpoints holds weights only, so the caller names its model config and vocabulary, which
+    must be the one its state.json records (`check_vocabulary`; a final/'s own word_counts.txt
+    must be too). The loaded weights must match the fingerprint in the checkpoint's state.json, so
+    a garbled file that still loads is caught too (a ShowtellError); a file that does not load
+    raises what loading raised.
     """
 
     def __init__(self) -> None:
@@ -152,14 +181,16 @@ class CheckpointLoader:
     def load(self, url: str, model_cfg: Optional[Model] = None, word_counts: Optional[str] = None) -> LoadedCheckpoint:
         """The checkpoint folder at `url` (any fsspec URL) loaded; `model_cfg` and `word_counts`
         only for a kept checkpoint, None for a published final/."""
+        source = "the word_counts.txt it is loaded with"
         if model_cfg is None:
             from schemas.config import build_config
 
             model_cfg = build_config(yaml.safe_load(read_text(join_url(url, CONFIG_FILE)))).model
-            word_counts = read_text(join_url(url, WORD_COUNTS_FILE))
+            word_counts, source = read_text(join_url(url, WORD_COUNTS_FILE)), None
         state = read_json(join_url(url, STATE_FILE))
         if not state or "fingerprint" not in state:
             raise ShowtellError(f"{STATE_FILE} is missing or has no weights fingerprint: an incomplete checkpoint")
+        check_vocabulary(state, word_counts, url, source)
         key = (json.dumps(model_cfg.model_dump(mode="json", exclude={"encoder_weights"}), sort_keys=True), word_counts)
         if key != self._key:
             self._key, self._model = None, None
@@ -197,7 +228,8 @@ def read_history(url: str) -> list[dict]:
 
 
 def publish_final(checkpoint_dir: str, phase_dir: str, config_tree: dict[str, Any], word_counts_url: str) -> str:
-    """Publishes a (local) checkpoint folder as `<phase_dir>/final/` with the config and vocabulary.
+    """Publishes a (local) checkpoint folder as `<phase_dir>/final/` with the config and vocabulary
+    (which must be the one its state.json records: `check_vocabulary`).
 
     Everything is written into a staging folder first and then published over `final/`
     (`schemas.storage.publish_dir`), so a crash leaves either the old `final/` or the new one,
@@ -205,13 +237,14 @@ def publish_final(checkpoint_dir: str, phase_dir: str, config_tree: dict[str, An
     Returns the URL of `final/`.
     """
     final = join_url(phase_dir, FINAL_DIR)
+    state, word_counts = read_state(checkpoint_dir), read_text(word_counts_url)
+    state.pop("history", None)  # history.jsonl sits next to final/
+    check_vocabulary(state, word_counts, checkpoint_dir, word_counts_url)
     with publish_dir(final, marker=STATE_FILE) as staging:
         fs, staging_path = fsspec.core.url_to_fs(staging)
         fs.put(os.path.join(checkpoint_dir, WEIGHTS_FILE), f"{staging_path}/{WEIGHTS_FILE}")
         write_text(join_url(staging, CONFIG_FILE), yaml.safe_dump(config_tree, sort_keys=False))
-        write_text(join_url(staging, WORD_COUNTS_FILE), read_text(word_counts_url))
-        state = read_state(checkpoint_dir)
-        state.pop("history", None)  # history.jsonl sits next to final/
+        write_text(join_url(staging, WORD_COUNTS_FILE), word_counts)
         write_text(join_url(staging, STATE_FILE), json.dumps(state, indent=1, sort_keys=True) + "\n")
     return final
 
