@@ -3,8 +3,10 @@ its metric is at least the current model's minus a tolerance; the first model is
 
     <models_root>/
         current/                 the promoted model: a `showtell export` SavedModel folder, plus
-            model.json           what it is: its metrics, the run and checkpoint it came from and
-                                 its promotion record (copied last: it marks a complete current/)
+            model.json           what it is: its metrics, the run and checkpoint it came from, its
+                                 vocabulary_id (from the export's showtell_export.json; null for an
+                                 export written before it was recorded) and its promotion record
+                                 (copied last: it marks a complete current/)
         previous/<time>-<id>/    each model that was current before, as it was, never deleted
         history.jsonl            one JSON line per decision (`promoted` or `held_back`)
         .showtell.lock           held while deciding, so runs sharing a models_root take turns
@@ -33,7 +35,7 @@ from orchestration.lock import FolderLock
 from orchestration.manifest import signature
 from schemas.config import join_url
 from schemas.errors import ShowtellError
-from schemas.layout import CURRENT_DIR, HISTORY_FILE, MODEL_FILE, PREVIOUS_DIR
+from schemas.layout import CURRENT_DIR, EXPORT_METADATA_FILE, HISTORY_FILE, MODEL_FILE, PREVIOUS_DIR
 from schemas.storage import copy_dir, exists, publish_dir, read_json, read_text, write_text
 
 log = logging.getLogger("showtell.promote")
@@ -168,6 +170,7 @@ def _install(
         "run_root": candidate.run_root,
         "export": candidate.export_dir,
         "export_signature": export_signature,
+        "vocabulary_id": (read_json(join_url(candidate.export_dir, EXPORT_METADATA_FILE)) or {}).get("vocabulary_id"),
         "metrics": candidate.metrics,
         **candidate.details,
         "promotion": record,

@@ -186,3 +186,17 @@ def test_a_models_root_on_an_object_store_takes_a_local_export(tmp_path):
     )
     assert [line["decision"] for line in read_history(models)] == [PROMOTED, PROMOTED]
     assert not fs.exists(f"{root}/.showtell.lock")
+
+
+def test_model_json_records_the_vocabulary_id_its_export_records(tmp_path):
+    models = str(tmp_path / "models")
+    promote(_export(tmp_path, "night1", 0.5), models, "CIDEr", 0.0)  # an export that records none
+    first = current_model(models)
+    candidate = _export(tmp_path, "night2", 0.6)
+    (Path(candidate.export_dir) / "showtell_export.json").write_text(
+        json.dumps({"model": "night2", "vocabulary_id": "3f1c0d5e9a7b2468"})
+    )
+
+    promote(candidate, models, "CIDEr", 0.0)
+
+    assert first["vocabulary_id"] is None and current_model(models)["vocabulary_id"] == "3f1c0d5e9a7b2468"
