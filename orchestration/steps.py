@@ -10,12 +10,15 @@ attempt is cleared before a fresh one. `orchestration.run` fingerprints keys + i
                   out   <run_root>/data/preprocess_report.json, data/word_counts.txt (data/ is published whole)
     train-phase1  keys  train.phase1, TRAIN_KEYS (model, train.num_examples_per_epoch, train.mixed_precision,
                         train.shuffle_buffer, train.random_flip, train.seed, ray.num_workers: the global
-                        batch); a change trains afresh, except more train.phase1.steps alone: it trains on
-                        from its checkpoint
-                  in    data/preprocess_report.json, data/word_counts.txt
-                  out   <run_root>/train/phase1/final/state.json (copied last into final/)
-    train-phase2  keys  train.phase2, TRAIN_KEYS
-                  in    the same, and train/phase1/final/state.json (it holds the weights' fingerprint)
+                        batch), train.init_from; a change trains afresh, except more train.phase1.steps
+                        alone: it trains on from its checkpoint
+                  in    data/preprocess_report.json, data/word_counts.txt (and baseline.json when
+                        train.init_from is `promoted`)
+                  out   <run_root>/train/phase1/final/state.json (copied last into final/); when the run
+                        warm-starts (trainer/warm_start.py), no training: train/warm_start/state.json
+    train-phase2  keys  train.phase2, TRAIN_KEYS, train.init_from, train.warm_start_steps (more of it, as
+                        more train.phase2.steps, trains on)
+                  in    the same, and phase 1's state.json (final/ or warm_start/: it holds the weights' fingerprint)
                   out   <run_root>/train/phase2/final/state.json
     evaluate      keys  eval.* but eval.batch_size
                   in    train/phase{1,2}/final/state.json, data/preprocess_report.json
@@ -30,7 +33,8 @@ attempt is cleared before a fresh one. `orchestration.run` fingerprints keys + i
 Keys that change where or how a step runs, not what it produces, are left out on purpose, so
 changing them re-runs nothing: `beam.*` (runner, workers, options), `ray.address`, `ray.use_gpu`,
 `ray.resources_per_worker`, `ray.max_failures`, `ray.min_workers`, `ray.startup_timeout_s`,
-`ray.shared_filesystem`, `train.xla`, `train.shard_cache`, `storage.*` (endpoints, timeouts),
+`ray.shared_filesystem`, `train.xla`, `train.shard_cache`, `train.max_minutes` (a phase it
+stopped early says so in its state.json and the step's summary), `storage.*` (endpoints, timeouts),
 `data.download.*` (retries, timeouts),
 `data.checksums` (verification only: the mirrored bytes are the same or the download fails),
 `eval.batch_size` (images per model call), `run.*` and `kfp.*`.
@@ -54,6 +58,7 @@ from pipelines.eval_report import find_checkpoint
 from schemas.config import MSCOCO_FILES, Config, join_url
 from schemas.errors import ShowtellError
 from schemas.layout import (
+    BASELINE_FILE,
     BEST_DIR,
     BEST_FILE,
     DECISION_FILE,
@@ -69,6 +74,7 @@ from schemas.layout import (
 from schemas.storage import absolute, exists, read_json, remove, write_text
 from schemas.vocabulary import WORD_COUNTS_FILE
 from trainer import checkpoints as ckpt
+from trainer.warm_start import INIT_PROMOTED, init_source, warm_start_dir
 
 log = logging.getLogger("showtell.run")
 
@@ -83,6 +89,8 @@ TRAIN_KEYS = (
     "train.seed",
     "ray.num_workers",
 )
+# What a warm start changes: where phase 1's result comes from, and phase 2's steps.
+WARM_START_KEYS = {1: ("train.init_from",), 2: ("train.init_from", "train.warm_start_steps")}
 EVAL_KEYS = tuple(
     f"eval.{key}"
     for key in (
@@ -164,15 +172,24 @@ def _train(phase: int, config: Config) -> dict[str, Any]:
     from trainer.launcher import run_phase
 
     summary = run_phase(config, phase)
-    return {"step": summary["step"], "final": summary["final"], "perplexity": summary["metrics"].get("perplexity")}
+    if "warm_start" in summary:
+        return {"step": 0, "final": summary["final"], "warm_start": summary["warm_start"]}
+    return {
+        "step": summary["step"],
+        "final": summary["final"],
+        "perplexity": summary["metrics"].get("perplexity"),
+        "stopped": summary["stopped"],
+    }
 
 
 def _reset_phase(phase: int, config: Config) -> None:
-    """Removes a phase's Ray run folder, so training starts afresh instead of resuming."""
-    phase_dir = join_url(config.train_dir, ckpt.phase_name(phase))
-    if exists(phase_dir):
-        log.warning("removing %s, to train this phase afresh", phase_dir)
-        remove(phase_dir)
+    """Removes a phase's Ray run folder (and phase 1's warm start), so training starts afresh
+    instead of resuming."""
+    folders = [join_url(config.train_dir, ckpt.phase_name(phase))] + ([warm_start_dir(config)] if phase == 1 else [])
+    for folder in folders:
+        if exists(folder):
+            log.warning("removing %s, to train this phase afresh", folder)
+            remove(folder)
 
 
 def _evaluate(config: Config) -> dict[str, Any]:
@@ -246,17 +263,32 @@ def _keys(*keys: str) -> Callable[[Config], tuple[str, ...]]:
     return lambda config: keys
 
 
+def phase_result(config: Config, phase: int) -> str:
+    """The state.json that marks a training step's result: phase 2's final/, and phase 1's final/
+    or, when the run warm-starts, the warm start's (phase 1 trains nothing then)."""
+    if phase == 1 and init_source(config) is not None:
+        return join_url(warm_start_dir(config), STATE_FILE)
+    return final_state(config, phase)
+
+
 def _training_step(phase: int) -> Step:
-    """train-phase1 or train-phase2: phase 2 also reads phase 1's published result."""
-    earlier = [1] if phase == 2 else []
+    """train-phase1 or train-phase2: phase 1 reads the pinned baseline when it may warm-start from
+    it; phase 2 reads phase 1's result (its final/, or the warm start)."""
+
+    def inputs(config: Config) -> list[str]:
+        if phase == 2:
+            return [*data_files(config), phase_result(config, 1)]
+        pinned = [join_url(config.run_root, BASELINE_FILE)] if config.train.init_from == INIT_PROMOTED else []
+        return [*data_files(config), *pinned]
+
     return Step(
         f"train-phase{phase}",
-        keys=_keys(f"train.phase{phase}", *TRAIN_KEYS),
-        inputs=lambda c: [*data_files(c), *(final_state(c, p) for p in earlier)],
-        outputs=lambda c: [final_state(c, phase)],
+        keys=_keys(f"train.phase{phase}", *TRAIN_KEYS, *WARM_START_KEYS[phase]),
+        inputs=inputs,
+        outputs=lambda c: [phase_result(c, phase)],
         work=functools.partial(_train, phase),
         reset=functools.partial(_reset_phase, phase),
-        extendable=(f"train.phase{phase}.steps",),
+        extendable=(f"train.phase{phase}.steps",) + (("train.warm_start_steps",) if phase == 2 else ()),
     )
 
 

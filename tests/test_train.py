@@ -50,13 +50,13 @@ def data_dir(tmp_path_factory) -> Path:
     return preprocess_sample(tmp_path_factory.mktemp("prep"))
 
 
-def preprocess_sample(root: Path) -> Path:
+def preprocess_sample(root: Path, train_images: int = 40, val_images: int = 20) -> Path:
     """40 + 20 generated sample images preprocessed into 4 / 1 / 1 shards; returns `root/data`."""
     from pipelines.preprocess import run_preprocess
     from pipelines.sample_data import generate_sample_data
     from schemas.config import build_config
 
-    generate_sample_data(str(root / "raw"), train_images=40, val_images=20, seed=0, image_size=64)
+    generate_sample_data(str(root / "raw"), train_images=train_images, val_images=val_images, seed=0, image_size=64)
     config = build_config(
         {
             "run_root": str(root),
@@ -432,3 +432,54 @@ def test_progress_line_formats_a_report():
         "phase 1 step 20/100  loss 3.2123  perplexity 24.83  lr 2  51.3 examples/s"
     )
     ProgressLine(1, 100).after_report(None, [row, row], None)  # prints; must not raise
+
+
+# --- warm starts and the vocabulary contract ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory) -> Path:
+    """48 + 24 sample images: the words of `data_dir`, counted in another order (another vocabulary)."""
+    return preprocess_sample(tmp_path_factory.mktemp("prep_other"), train_images=48, val_images=24)
+
+
+def test_phase2_refuses_a_phase1_final_trained_on_another_vocabulary(two_phases, other_data, tmp_path, capsys):
+    run_root = _run_root(tmp_path, other_data)
+    shutil.copytree(_final(two_phases[0], 1), _final(run_root, 1))
+    config = _config_file(tmp_path, run_root, {"steps": 9})
+    capsys.readouterr()
+
+    assert _train(config, 2) == 2
+
+    line = _error_line(capsys.readouterr())
+    theirs = json.loads((_final(run_root, 1) / "state.json").read_text())["vocabulary_id"]
+    ours = parse_word_counts((other_data / "word_counts.txt").read_text()).id
+    assert f"whose vocabulary {theirs} is not the data's ({ours}" in line and theirs != ours
+    assert not (run_root / "train" / "phase2").exists()
+
+
+def test_a_warm_start_remaps_a_final_to_the_data_then_phase2_stops_at_max_minutes_and_publishes(
+    two_phases, other_data, tmp_path
+):
+    from trainer.launcher import run_phase
+
+    run_root = _run_root(tmp_path, other_data)
+    init = _final(two_phases[0], 2)
+    config = load_config(
+        str(_config_file(tmp_path, run_root, {"steps": 9})),
+        [f"train.init_from={init}", "train.warm_start_steps=40", "train.max_minutes=0.001"],
+    )
+
+    prepared = run_phase(config, 1)
+    phase2 = run_phase(config, 2)
+
+    warm = json.loads((run_root / "train" / "warm_start" / "state.json").read_text())
+    words = len((other_data / "word_counts.txt").read_text().splitlines())
+    assert prepared["warm_start"]["remap"] == {"kept": words, "added": 0, "dropped": 0}
+    assert prepared["warm_start"]["init_vocabulary_id"] != warm["vocabulary_id"]
+    assert not (run_root / "train" / "phase1").exists()  # phase 1 trained nothing
+    state = json.loads((_final(run_root, 2) / "state.json").read_text())
+    assert state["init_fingerprint"] == warm["fingerprint"]  # phase 2 started from the remapped weights
+    # Past the 0.06 s limit at once: every worker stopped after step 1, which was published.
+    assert (phase2["step"], phase2["stopped"], state["stopped"]) == (1, "max_minutes", "max_minutes")
+    assert run_phase(config, 1)["ran"] is False  # the warm start is kept for the same model and data

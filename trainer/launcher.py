@@ -9,6 +9,11 @@ with the same names resumes from Ray's latest checkpoint there, and a phase whos
 holds `train.phaseN.steps` steps is not run again. After `fit`, the driver publishes Ray's latest
 checkpoint as `<run_root>/train/phaseN/final/` (see `trainer.checkpoints`).
 
+With `train.init_from` naming a model (`trainer.warm_start`), phase 1 trains nothing: it remaps
+that model to the data's vocabulary into `<run_root>/train/warm_start/`, and phase 2 fine-tunes
+from there for `train.warm_start_steps` steps. `train.max_minutes` bounds each phase's wall-clock
+time from when `run_phase` starts it: the phase then publishes the step it stopped at.
+
 While `fit` runs, the driver shows the phase's progress display (`schemas.progress`): step out of
 total (phase 1's encoder pretraining steps counted first), loss, examples/s and time left, as rank
 0 reports them through the display's spool, named in the workers' runtime_env. `ProgressLine`
@@ -30,10 +35,11 @@ from ray.train import UserCallback
 from schemas import progress, stores
 from schemas.config import Config, join_url
 from schemas.errors import ShowtellError
-from schemas.layout import FINAL_DIR, HISTORY_FILE, PREPROCESS_REPORT_FILE
+from schemas.layout import FINAL_DIR, HISTORY_FILE, PREPROCESS_REPORT_FILE, STATE_FILE
 from schemas.vocabulary import WORD_COUNTS_FILE, parse_word_counts
 from trainer import checkpoints as ckpt
-from trainer.train_loop import TrainJob, train_loop_per_worker
+from trainer.train_loop import MAX_MINUTES, TrainJob, train_loop_per_worker
+from trainer.warm_start import init_source, prepare_warm_start, warm_start_dir
 
 log = logging.getLogger("showtell.train")
 
@@ -56,9 +62,10 @@ class PhasePlan:
 
 def plan_phase(config: Config, phase: int) -> PhasePlan:
     """Resolves and checks everything a phase needs before any worker starts."""
-    phase_cfg = config.train.phase(phase)
     from trainer.model import resolve_vocab_size
 
+    config = training_config(config, phase)
+    phase_cfg = config.train.phase(phase)
     run_root = ckpt.absolute(config.run_root)
     config = config.model_copy(update={"run_root": run_root})
     data_dir, train_dir = config.data_dir, config.train_dir
@@ -81,16 +88,10 @@ def plan_phase(config: Config, phase: int) -> PhasePlan:
     examples = config.train.num_examples_per_epoch or int(report["splits"]["train"]["records_written"])
     if examples <= 0:
         raise ShowtellError(f"{join_url(data_dir, PREPROCESS_REPORT_FILE)}: no training records were written")
+    vocabulary_id = parse_word_counts(word_counts).id
     init_dir = init_fingerprint = None
     if phase == 2:
-        phase1_dir = join_url(train_dir, ckpt.phase_name(1))
-        published = ckpt.published_state(phase1_dir)
-        if published is None:
-            raise ShowtellError(
-                f"phase 2 fine-tunes phase 1's final checkpoint, and {join_url(phase1_dir, FINAL_DIR)} "
-                "holds none: run `showtell train --phase 1` first"
-            )
-        init_dir, init_fingerprint = join_url(phase1_dir, FINAL_DIR), published["fingerprint"]
+        init_dir, init_fingerprint = _phase2_start(config, vocabulary_id)
     phase_dir = join_url(train_dir, ckpt.phase_name(phase))
     job = TrainJob(
         config=config.model_dump(mode="json"),
@@ -98,13 +99,43 @@ def plan_phase(config: Config, phase: int) -> PhasePlan:
         data_dir=data_dir,
         phase_dir=phase_dir,
         vocab_size=resolve_vocab_size(config.model, word_counts),
-        vocabulary_id=parse_word_counts(word_counts).id,
+        vocabulary_id=vocabulary_id,
         global_batch=global_batch,
         steps_per_epoch=examples / global_batch,
         init_dir=init_dir,
         init_fingerprint=init_fingerprint,
+        deadline=time.time() + 60 * config.train.max_minutes if config.train.max_minutes else None,
     )
     return PhasePlan(job=job, phase_dir=phase_dir, steps=phase_cfg.steps)
+
+
+def _phase2_start(config: Config, vocabulary_id: str) -> tuple[str, str]:
+    """(folder, weights fingerprint) phase 2 starts from: a warm start's `train/warm_start/`, else
+    phase 1's `final/`. Either must have been trained on (or remapped to) the data's vocabulary."""
+    start, what, does = join_url(config.train_dir, ckpt.phase_name(1), FINAL_DIR), "phase 1's final checkpoint", ""
+    if init_source(config) is not None:
+        start, what = warm_start_dir(config), "the warm start"
+        does = f" (with train.init_from {config.train.init_from!r} it prepares the warm start)"
+    state = ckpt.read_json(join_url(start, STATE_FILE))
+    if state is None:
+        raise ShowtellError(
+            f"phase 2 fine-tunes {what}, and {start} holds none: run `showtell train --phase 1` first{does}"
+        )
+    if state.get("vocabulary_id", vocabulary_id) != vocabulary_id:
+        raise ShowtellError(
+            f"phase 2 fine-tunes {what} ({start}), whose vocabulary {state['vocabulary_id']} is not the data's "
+            f"({vocabulary_id}; was the data preprocessed again?): run `showtell train --phase 1` again{does}"
+        )
+    return start, state["fingerprint"]
+
+
+def training_config(config: Config, phase: int) -> Config:
+    """The config phase `phase` trains with: a warm-started phase 2 (`train.init_from`) trains
+    `train.warm_start_steps` steps instead of `train.phase2.steps`."""
+    if phase != 2 or init_source(config) is None:
+        return config
+    phase2 = config.train.phase2.model_copy(update={"steps": config.train.warm_start_steps})
+    return config.model_copy(update={"train": config.train.model_copy(update={"phase2": phase2})})
 
 
 def run_phase(config: Config, phase: int) -> dict:
@@ -113,6 +144,9 @@ def run_phase(config: Config, phase: int) -> dict:
     A phase whose `final/` already holds its configured steps is not run again (no Ray, no
     TensorFlow: a re-run is fast); a half-finished phase resumes from Ray's latest checkpoint.
     """
+    if phase == 1 and init_source(config) is not None:
+        return _warm_start(config)
+    config = training_config(config, phase)
     phase_cfg = config.train.phase(phase)
     phase_dir = join_url(ckpt.absolute(config.train_dir), ckpt.phase_name(phase))
     published = ckpt.published_state(phase_dir)
@@ -134,10 +168,15 @@ def run_phase(config: Config, phase: int) -> dict:
         raise ShowtellError(f"phase {phase}: Ray Train finished without a checkpoint under {plan.phase_dir}")
     with result.checkpoint.as_directory() as directory:
         state = ckpt.read_state(directory)
-        if state["step"] < plan.steps:
+        if state["step"] < plan.steps and state.get("stopped") != MAX_MINUTES:
             raise ShowtellError(f"phase {phase}: the latest checkpoint holds step {state['step']}, not {plan.steps}")
         final = ckpt.publish_final(
             directory, plan.phase_dir, plan.job.config, join_url(plan.job.data_dir, WORD_COUNTS_FILE)
+        )
+    if state.get("stopped") == MAX_MINUTES:
+        log.warning(
+            "phase %d: stopped at step %d of %d, after train.max_minutes=%g; `showtell train --phase %d` trains on",
+            phase, state["step"], plan.steps, plan.job.cfg.train.max_minutes, phase,
         )
     log.info("phase %d: published %s (step %d) in %.1f s", phase, final, state["step"], time.time() - started)
     return _summary(phase, plan.phase_dir, ckpt.published_state(plan.phase_dir), ran=True)
@@ -148,9 +187,31 @@ def _summary(phase: int, phase_dir: str, state: dict, ran: bool) -> dict:
         "phase": phase,
         "ran": ran,  # False: final/ was already complete
         "step": state["step"],
+        "stopped": state.get("stopped"),  # `max_minutes` when train.max_minutes ended it early
         "final": join_url(phase_dir, FINAL_DIR),
         "history": join_url(phase_dir, HISTORY_FILE),
         "metrics": {k: state["metrics"].get(k) for k in ckpt.HISTORY_COLUMNS},
+    }
+
+
+def _warm_start(config: Config) -> dict:
+    """Phase 1 of a warm-started run: no training, the initial model remapped to the data's
+    vocabulary into `train/warm_start/` (kept when it already holds this model and vocabulary)."""
+    source = init_source(config)
+    vocabulary_id = parse_word_counts(ckpt.read_text(join_url(config.data_dir, WORD_COUNTS_FILE))).id
+    state = ckpt.read_json(join_url(warm_start_dir(config), STATE_FILE))
+    ran = state is None or (state.get("init_from"), state.get("vocabulary_id")) != (source, vocabulary_id)
+    if ran:
+        state = prepare_warm_start(config)
+    else:
+        log.info("phase 1: %s already holds the warm start from %s; nothing to do", warm_start_dir(config), source)
+    return {
+        "phase": 1,
+        "ran": ran,
+        "step": 0,
+        "warm_start": {key: state[key] for key in ("init_from", "init_vocabulary_id", "vocabulary_id", "remap")},
+        "final": warm_start_dir(config),
+        "metrics": {},
     }
 
 

@@ -17,9 +17,14 @@ The helpers below it hold the details:
 - Rank 0 reports every step to the driver's progress display (`schemas.progress`): the phase's
   step (after phase 1's encoder pretraining steps, which the display counts first), its loss and
   examples/s. Other ranks report nothing.
-- Restore order: Ray's latest checkpoint of this phase (weights, optimizer, step, history), else
-  for phase 2 phase 1's published `final/` weights, else fresh weights. The data pipeline is not
-  restored: a resumed run reshuffles with a seed that includes the step it resumed from.
+- With `train.max_minutes`, after every step the workers all-reduce whether any is past the
+  phase's deadline (set by the driver when the phase starts); once one is, all report that step
+  with its checkpoint and stop, its state.json saying `stopped: max_minutes`.
+- Restore order: Ray's latest checkpoint of this phase (weights, optimizer, step, history; refused
+  when it was trained on another vocabulary than the data's), else for phase 2 the published
+  weights it starts from (phase 1's `final/`, or a warm start's `train/warm_start/`), else fresh.
+  The data pipeline is not restored: a resumed run reshuffles with a seed that includes the step
+  it resumed from.
 
 The parts with a job of their own have modules of their own: the optimizer (`trainer.optimizer`),
 the batch-norm statistics averaging (`trainer.batch_norm_sync`) and the TensorBoard scalars
@@ -47,6 +52,8 @@ from trainer.tensorboard_writer import TensorBoardWriter
 
 log = logging.getLogger("showtell.train")
 
+MAX_MINUTES = "max_minutes"  # state.json's `stopped` when train.max_minutes ended a phase early
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainJob:
@@ -60,8 +67,9 @@ class TrainJob:
     vocabulary_id: str  # `schemas.vocabulary.vocabulary_id` of the data's word_counts.txt: recorded in every checkpoint
     global_batch: int  # per-worker batch x workers
     steps_per_epoch: float  # examples per epoch / global batch (for the learning-rate decay)
-    init_dir: Optional[str] = None  # phase 2: phase 1's final/ (used only when no checkpoint exists)
+    init_dir: Optional[str] = None  # phase 2: phase 1's final/ or train/warm_start/ (only when no checkpoint exists)
     init_fingerprint: Optional[str] = None  # phase 1's final weights fingerprint, to check the load
+    deadline: Optional[float] = None  # train.max_minutes from the phase's start, as time.time(); None: no limit
 
     @functools.cached_property
     def cfg(self) -> Config:
@@ -86,6 +94,7 @@ class TrainState:
     history: list = dataclasses.field(default_factory=list)  # every report so far, in order
     resumed_from_step: int = 0  # the step this attempt started from (0: a fresh start)
     init_fingerprint: Optional[str] = None  # phase 2: fingerprint of the weights it started from
+    stopped: Optional[str] = None  # MAX_MINUTES when train.max_minutes ended the phase before its steps
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -116,22 +125,24 @@ def train_loop_per_worker(config: dict) -> dict:
             return {"error": f"phase 1: {error}; no checkpoint was kept or published", "step": 0}
         sync_statistics()
     train_step = make_train_step(strategy, model, optimizer, job)
+    out_of_time = make_deadline_check(strategy, job.deadline)
     reporter = Reporter(job, state, rank, nodes)
     if rank == 0:  # where this attempt starts: the rate counts from here
         progress.advance(at=job.pretrain_steps + state.step)
-    while state.step < job.phase_cfg.steps:
+    while state.step < job.phase_cfg.steps and not state.stopped:
         loss, grad_norm = train_step(batches)
         state.step += 1
         error = reporter.record_step(state.step, float(loss), float(grad_norm))
         if error:  # every worker sees the same all-reduced loss, so all stop here, none reports
             reporter.close()
             return {"error": error, "step": state.step}
-        if reporter.is_due(state.step):
+        state.stopped = MAX_MINUTES if out_of_time() else None  # every worker gets the same answer
+        if reporter.is_due(state.step) or state.stopped:
             if job.phase_cfg.train_encoder:
                 sync_statistics()
             reporter.report(model, optimizer)
     reporter.close()
-    return {"step": state.step}
+    return {"step": state.step, "stopped": state.stopped}
 
 
 # --- setup ----------------------------------------------------------------------------------------
@@ -162,6 +173,24 @@ def worker_nodes(strategy) -> list[str]:
     rows = strategy.experimental_local_results(gather())[0].numpy()
     replicas_per_worker = len(rows) // ray.train.get_context().get_world_size()
     return [bytes(row.tolist()).decode().strip() for row in rows[::replicas_per_worker]]
+
+
+def make_deadline_check(strategy, deadline: Optional[float]):
+    """`out_of_time() -> bool`: whether any worker's clock is past `deadline` (one all-reduce of a
+    flag, so every worker stops at the same step); always False without a deadline."""
+    if deadline is None:
+        return lambda: False
+    import tensorflow as tf
+
+    def replica_sum(flag):
+        # tf.identity: the collective needs a tensor placed on the replica's device, not the input itself.
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(flag))
+
+    @tf.function
+    def workers_past(flag):
+        return strategy.experimental_local_results(strategy.run(replica_sum, args=(flag,)))[0]
+
+    return lambda: bool(workers_past(tf.constant(float(time.time() > deadline))) > 0)
 
 
 def distributed_dataset(strategy, job: TrainJob, start_step: int):
@@ -214,6 +243,13 @@ def restore(job: TrainJob, model, optimizer, checkpoint) -> TrainState:
     rank = ray.train.get_context().get_world_rank()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
+            saved = ckpt.read_state(directory)
+            if saved.get("vocabulary_id", job.vocabulary_id) != job.vocabulary_id:
+                raise ShowtellError(
+                    f"phase {job.phase}: its latest checkpoint was trained on vocabulary {saved['vocabulary_id']}, "
+                    f"the data's is {job.vocabulary_id} (was the data preprocessed again?): train the phase "
+                    "afresh (`showtell run` does when the data changed)"
+                )
             saved = ckpt.load_checkpoint(directory, model, optimizer)
         state = TrainState(
             step=int(saved["step"]),
@@ -363,6 +399,7 @@ class Reporter:
             "step": state.step,
             "fingerprint": ckpt.weights_fingerprint(model),
             "init_fingerprint": state.init_fingerprint,
+            "stopped": state.stopped,
             "vocab_size": self.job.vocab_size,
             "vocabulary_id": self.job.vocabulary_id,
             "global_batch": self.job.global_batch,
