@@ -10,7 +10,9 @@ and for `showtell caption` (docs/im2txt.md, "Inference", and "What im2txt's user
                                      unknown_id, num_lstm_units, vocabulary_id (word_counts.txt's
                                      `schemas.vocabulary.vocabulary_id`: loading the export under
                                      another word_counts.txt is refused), the source checkpoint
-                                     and its step
+                                     and its step, and the model's settings (`model`) and weights
+                                     fingerprint, from which a warm start rebuilds it
+                                     (trainer/warm_start.py)
 
 Signatures (N images, or N beams; `units` = model.num_lstm_units, `vocab` = the model's vocab_size),
 also the loaded object's methods (`tf.saved_model.load(OUT).step(input_words, state_h, state_c)`):
@@ -85,6 +87,9 @@ def export_saved_model(checkpoint: str, out: str) -> str:
         "end_id": captioner.end_id,
         "unknown_id": len(captioner.words),
         "vocabulary_id": vocabulary_id(captioner.words),
+        # What a warm start (`train.init_from`) needs to build the model again and check its weights.
+        "model": endpoints.owner.model_cfg.model_dump(mode="json"),
+        "fingerprint": state.get("fingerprint"),
     }
 
     with publish_dir(out, marker=EXPORT_METADATA_FILE) as staging, tempfile.TemporaryDirectory(

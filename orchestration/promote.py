@@ -180,6 +180,15 @@ def _install(
         write_text(join_url(staging, MODEL_FILE), json.dumps(model, indent=1) + "\n")
 
 
+def append_decision(models_root: str, record: dict[str, Any], lock_stale_seconds: float = 600.0) -> None:
+    """Appends a decision taken elsewhere (e.g. a run that ended for want of new data) to
+    history.jsonl, under the models_root lock; a record whose id is there already is not added again."""
+    with FolderLock(
+        models_root, stale_after=lock_stale_seconds, wait=2 * lock_stale_seconds, command="showtell run"
+    ):
+        _append_once(models_root, record)
+
+
 def _append_once(models_root: str, record: dict[str, Any]) -> None:
     """Appends `record` to history.jsonl unless a line with its id is there (object stores cannot
     append: the file is rewritten whole, under the models_root lock)."""

@@ -21,6 +21,10 @@ its fingerprint is unchanged and its outputs exist. Otherwise it runs, in one of
   first (a training phase's Ray run folder). Because the next step's fingerprint holds when this
   one was done, every step after it runs fresh too.
 
+A step may end the run early and successfully once it is done or up to date (its `stop`: the
+baseline step when the data is what the promoted model was trained on); the result says why
+(`RunResult.stopped`). A forced step is not asked, so `--force baseline` trains anyway.
+
 `--until STEP` stops after STEP; `--force STEP` runs STEP and every step after it fresh, bringing
 the steps before it up to date as usual; `--from STEP` does the same but requires the steps
 before STEP to be done and up to date already.
@@ -135,6 +139,7 @@ class RunResult:
     run_id: str  # the run's id, as in the lock and the manifest
     manifest: str  # the manifest's URL
     outcomes: list[StepOutcome]
+    stopped: Optional[str] = None  # why the run ended early, successfully (a step's `stop`), or None
 
 
 def run_pipeline(
@@ -188,6 +193,7 @@ def run_pipeline(
         )
         if start:
             _require_done_before(config, steps, first_forced, manifest)
+        stopped = None
         for index, step in enumerate(steps[: last + 1]):
             lock.check()
             assessment = assess(config, steps, index, manifest)
@@ -195,15 +201,19 @@ def run_pipeline(
             if not forced and assessment.reason is None:
                 log.info("step %s: skipped (up to date)", step.name)
                 outcomes.append(StepOutcome(step.name, SKIPPED, "up to date", None))
-                continue
-            reason = f"forced by {flag} {forced_name}" if forced else assessment.reason
-            fresh = forced or not assessment.resume
-            outcomes.append(
-                _run_step(config, step, manifest, assessment, reason, fresh, lock.run_id, echo_to)
-            )
+            else:
+                reason = f"forced by {flag} {forced_name}" if forced else assessment.reason
+                fresh = forced or not assessment.resume
+                outcomes.append(
+                    _run_step(config, step, manifest, assessment, reason, fresh, lock.run_id, echo_to)
+                )
+            stopped = step.stop(config) if step.stop is not None and not forced else None
+            if stopped:
+                log.info("the run ends after step %s: %s", step.name, stopped)
+                break
         if manifest.signer.updated:  # big files hashed for steps skipped since the last save
             manifest.save()
-    return RunResult(lock.run_id, manifest.url, outcomes)
+    return RunResult(lock.run_id, manifest.url, outcomes, stopped)
 
 
 def _require_done_before(config: Config, steps: Sequence[Step], first: int, manifest: Manifest) -> None:

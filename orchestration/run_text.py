@@ -20,10 +20,11 @@ from orchestration.lock import read_owner, stale_reason
 from orchestration.manifest import FAILED
 from orchestration.promote import HELD_BACK
 from orchestration.run import RAN, RunResult, StepStatus
-from orchestration.steps import decision_file, models_root
+from orchestration.steps import decision_file
 from pipelines.eval_report import summarize_report
 from schemas.config import Config, join_url
 from schemas.layout import CURRENT_DIR, EVAL_REPORT_FILE
+from schemas.models_root import models_root_of
 from schemas.storage import read_json
 
 
@@ -52,6 +53,8 @@ def format_outcomes(result: RunResult) -> str:
     lines = [f"showtell run {result.run_id} ({result.manifest}):"]
     lines += ["  " + line for line in _table(("step", "result", "duration", "why"), rows)]
     lines.append(f"  {sum(o.result == RAN for o in result.outcomes)} steps ran in {_duration(total)}")
+    if result.stopped:
+        lines.append(f"  the run ended after {result.outcomes[-1].name}: {result.stopped}")
     return "\n".join(lines)
 
 
@@ -84,7 +87,7 @@ def format_results(config: Config, result: RunResult) -> str:
         lines.append(summarize_report(report))
     decision = read_json(decision_file(config)) if "promote" in reached else None
     if decision is not None:
-        current = join_url(models_root(config), CURRENT_DIR)
+        current = join_url(models_root_of(config), CURRENT_DIR)
         if decision["current_value"] is None:
             comparison = "the first model"
         else:

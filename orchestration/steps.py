@@ -66,11 +66,11 @@ from schemas.layout import (
     EXPORT_DIR,
     EXPORT_METADATA_FILE,
     FINAL_DIR,
-    MODELS_DIR,
     PREPROCESS_REPORT_FILE,
     SAVED_MODEL_FILE,
     STATE_FILE,
 )
+from schemas.models_root import models_root_of, read_baseline
 from schemas.storage import absolute, exists, read_json, remove, write_text
 from schemas.vocabulary import WORD_COUNTS_FILE
 from trainer import checkpoints as ckpt
@@ -117,6 +117,9 @@ class Step:
     outputs: Callable[[Config], list[str]]  # files it writes: all of them exist once it is done
     work: Callable[[Config], Optional[dict[str, Any]]]  # config -> a small JSON summary
     reset: Optional[Callable[[Config], None]] = None  # clears an earlier attempt before a fresh (not resumed) run
+    # Once the step is done (or up to date), a reason to end the run there, successfully, or None;
+    # not asked when the step is forced (`--force STEP` or an earlier step).
+    stop: Optional[Callable[[Config], Optional[str]]] = None
     # Config leaves that, when they alone grow, let the step go on from its earlier attempt rather
     # than start afresh: a phase given more steps trains on from its last checkpoint.
     extendable: tuple[str, ...] = ()
@@ -143,11 +146,6 @@ def export_dir(config: Config) -> str:
     return join_url(config.run_root, EXPORT_DIR)
 
 
-def models_root(config: Config) -> str:
-    """`promote.models_root`, by default `<run_root>/models`; local paths made absolute."""
-    return absolute(config.promote.models_root or join_url(config.run_root, MODELS_DIR))
-
-
 def decision_file(config: Config) -> str:
     return join_url(config.run_root, DECISION_FILE)
 
@@ -159,6 +157,18 @@ def _download(config: Config) -> dict[str, Any]:
     from pipelines.download import mirror_dataset
 
     return {"files": {result.relpath: result.action for result in mirror_dataset(config)}}
+
+
+def _pin_baseline(config: Config) -> dict[str, Any]:
+    from orchestration.baseline import pin_baseline
+
+    return pin_baseline(config)
+
+
+def _unchanged_data(config: Config) -> Optional[str]:
+    from orchestration.baseline import unchanged_data
+
+    return unchanged_data(config)
 
 
 def _preprocess(config: Config) -> dict[str, Any]:
@@ -239,21 +249,31 @@ def _promote(config: Config) -> dict[str, Any]:
     report = _required_json(join_url(config.eval_dir, EVAL_REPORT_FILE), "evaluate")
     if not exists(join_url(export_dir(config), EXPORT_METADATA_FILE)):
         raise ShowtellError(f"no export at {export_dir(config)}: the export step writes it")
-    if models_root(config).rstrip("/") == absolute(config.run_root).rstrip("/"):
+    if models_root_of(config).rstrip("/") == absolute(config.run_root).rstrip("/"):
         raise ShowtellError(
-            f"promote.models_root {models_root(config)} is the run_root itself: give it a folder of its own"
+            f"promote.models_root {models_root_of(config)} is the run_root itself: give it a folder of its own"
         )
     candidate = Candidate(
         export_dir=absolute(export_dir(config)),
         metrics=find_checkpoint(report, best["checkpoint"])["metrics"],
         run_root=absolute(config.run_root),
-        details={"checkpoint": best["checkpoint"], "eval": report.get("eval")},
+        details={"checkpoint": best["checkpoint"], "eval": report.get("eval"), "data": _trained_on(config)},
     )
+    promote_cfg = config.promote
     record = promote(
-        candidate, models_root(config), config.promote.metric, config.promote.tolerance, config.run.lock_stale_seconds
+        candidate, models_root_of(config), promote_cfg.metric, promote_cfg.tolerance, config.run.lock_stale_seconds
     )
     write_text(decision_file(config), json.dumps(record, indent=1) + "\n")
     return {key: record[key] for key in ("decision", "metric", "new_value", "current_value", "model")}
+
+
+def _trained_on(config: Config) -> dict[str, Any]:
+    """The data the run's model was trained on, for its model.json: the fingerprint of the mirrored
+    files pinned with the baseline (computed now for a run that has none)."""
+    from orchestration.baseline import data_fingerprint
+
+    pinned = read_baseline(config.run_root)
+    return {"mirror": absolute(config.data.mirror), **(pinned["data"] if pinned else data_fingerprint(config))}
 
 
 # --- the table ------------------------------------------------------------------------------------
@@ -300,6 +320,14 @@ STEPS: tuple[Step, ...] = (
         inputs=lambda c: [],
         outputs=mirror_files,
         work=_download,
+    ),
+    Step(
+        "baseline",
+        keys=_keys("promote.models_root"),
+        inputs=mirror_files,
+        outputs=lambda c: [join_url(c.run_root, BASELINE_FILE)],
+        work=_pin_baseline,
+        stop=_unchanged_data,
     ),
     Step(
         "preprocess",

@@ -18,6 +18,7 @@ import tensorflow as tf
 from inference.captioner import Captioner, load_captioner
 from inference.export import export_saved_model
 from orchestration.cli import main as cli_main
+from schemas.config import Model
 from schemas.errors import ShowtellError
 from schemas.layout import EXPORT_METADATA_FILE
 from schemas.storage import remove
@@ -145,6 +146,8 @@ def test_the_export_folder_holds_vocabulary_and_metadata_and_nothing_half_writte
         "end_id": 2,
         "unknown_id": NUM_WORDS,
         "vocabulary_id": parse_word_counts(WORD_COUNTS).id,
+        "model": Model(**MODEL).model_dump(mode="json"),
+        "fingerprint": json.loads((Path(final) / "state.json").read_text())["fingerprint"],
     }
     assert [name for name in os.listdir(folder.parent) if ".staging-" in name] == []
 

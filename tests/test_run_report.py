@@ -29,7 +29,7 @@ from tests.run_table import REPO, config_file
 from tests.test_eval_report import Outline
 from tests.test_run_end_to_end import TINY, _finish, run_env
 
-STEPS = ("download", "preprocess", "train-phase1", "train-phase2", "evaluate", "export", "promote")
+STEPS = ("download", "baseline", "preprocess", "train-phase1", "train-phase2", "evaluate", "export", "promote")
 
 
 def section(page: str, anchor: str) -> str:

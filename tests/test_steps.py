@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestration import steps as real_steps
 from orchestration.manifest import config_values
 from orchestration.steps import STEP_NAMES, STEPS
 from schemas.errors import ShowtellError
+from schemas.models_root import models_root_of
 from tests.run_table import real_step, run_config
 
 
@@ -60,14 +60,16 @@ def test_a_real_source_makes_the_sample_settings_irrelevant():
 
 def test_every_real_step_is_in_order_and_names_its_keys_inputs_and_outputs():
     config = run_config(Path("/runs/x"))
-    assert STEP_NAMES == ("download", "preprocess", "train-phase1", "train-phase2", "evaluate", "export", "promote")
+    assert STEP_NAMES == (
+        "download", "baseline", "preprocess", "train-phase1", "train-phase2", "evaluate", "export", "promote"
+    )
     for step in STEPS:
         config_values(config, step.keys(config))  # every key exists in the schema
         assert step.outputs(config) and all(url.startswith("/runs/x") for url in step.outputs(config))
     exported = ["/runs/x/export/showtell_export.json", "/runs/x/export/saved_model.pb"]
     assert real_step("export").outputs(config) == exported
-    assert real_steps.models_root(config) == "/runs/x/models"
-    assert real_steps.models_root(run_config(Path("/runs/x"), "promote.models_root=gs://b/models")) == "gs://b/models"
+    assert models_root_of(config) == "/runs/x/models"
+    assert models_root_of(run_config(Path("/runs/x"), "promote.models_root=gs://b/models")) == "gs://b/models"
 
 
 def _evaluated_and_exported(root: Path, cider: float) -> None:

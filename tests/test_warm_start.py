@@ -98,3 +98,18 @@ def test_slack_ids_of_a_larger_vocab_size_take_no_probability(old):
 def test_a_model_of_other_settings_cannot_start_this_one_and_the_error_names_them(old):
     with pytest.raises(ShowtellError, match=r"model.num_lstm_units 16, here 8"):
         _warm_model(old, GROWN, num_lstm_units=8)
+
+
+def test_an_export_starts_a_model_with_the_same_weights_as_its_final_checkpoint(old, tmp_path):
+    from inference.export import export_saved_model
+
+    exported = read_initial_model(export_saved_model(old.url, str(tmp_path / "export")))
+
+    assert exported.vocabulary == old.vocabulary and exported.vocab_size == old.vocab_size
+    assert exported.weights.keys() == old.weights.keys()
+    assert all(np.array_equal(exported.weights[path], value) for path, value in old.weights.items())
+
+
+def test_what_is_neither_a_final_nor_an_export_is_a_clear_error(tmp_path):
+    with pytest.raises(ShowtellError, match=r"neither a final/ checkpoint .* nor a `showtell export` folder"):
+        read_initial_model(str(tmp_path))
