@@ -10,9 +10,10 @@
 and publishes it whole as `<run_root>/eval/` (`schemas.storage.publish_dir`).
 
 One element per checkpoint, so checkpoints are evaluated in parallel across workers. Each one:
-the checkpoint is loaded, and its weights must match the fingerprint in its state.json (one that
-does not load becomes a `failed` result naming the error, counted, and the others go on); its
-teacher-forced perplexity is taken over every record of the split
+the checkpoint is loaded, and its weights must match the fingerprint in its state.json and its
+vocabulary the data's (one that does not load, or is of another vocabulary, becomes a `failed`
+result naming the error, counted, and the others go on); its teacher-forced perplexity is taken
+over every record of the split
 (`trainer.validation.model_perplexity`, whatever `eval.max_images`); the split's images, the
 first `eval.max_images` distinct ones in record order (all by default), are captioned by beam
 search in batches of `eval.batch_size` as they stream from the shards, so a worker holds one
@@ -53,7 +54,7 @@ from schemas.errors import ShowtellError
 from schemas.layout import EVAL_REPORT_FILE, FINAL_DIR, PREPROCESS_REPORT_FILE, STATE_FILE
 from schemas.progress import advance, tracked
 from schemas.storage import publish_dir, read_json, read_text
-from schemas.vocabulary import WORD_COUNTS_FILE
+from schemas.vocabulary import WORD_COUNTS_FILE, parse_word_counts
 from trainer import checkpoints as ckpt
 
 log = logging.getLogger("showtell.evaluate")
@@ -88,6 +89,7 @@ class EvalPlan:
     images: int  # the images each checkpoint captions: the split's, or the first `eval.max_images`
     model: dict  # config.model as JSON: builds intermediate checkpoints (they hold weights only)
     word_counts_url: str  # `<data_dir>/word_counts.txt`: the vocabulary of intermediate checkpoints
+    vocabulary_id: str  # the data's vocabulary (its records' word ids): the preprocess report's, else word_counts.txt's
     eval: dict  # config.eval as JSON
     phase1_steps: int  # where phase 2's steps start counting in all (its start is phase 1's last step)
     log_progress: bool  # workers write a line per checkpoint to stderr (the driver logs at INFO)
@@ -144,6 +146,8 @@ def plan_from_config(config: Config, output_dir: str) -> EvalPlan:
         raise ShowtellError(f"no checkpoints under {config.train_dir}: run `showtell train --phase 1` first")
     check_java()
     split_images_written = preprocess_report["splits"][split]["images"]["written"]
+    word_counts_url = join_url(config.data_dir, WORD_COUNTS_FILE)
+    vocabulary_id = preprocess_report.get("vocabulary", {}).get("id")  # None: preprocessed before it was recorded
     return EvalPlan(
         checkpoints=tuple(checkpoints),
         split=split,
@@ -151,7 +155,8 @@ def plan_from_config(config: Config, output_dir: str) -> EvalPlan:
         shard_cache=config.train.shard_cache.model_dump(mode="json"),
         images=min(config.eval.max_images or split_images_written, split_images_written),
         model=config.model.model_dump(mode="json"),
-        word_counts_url=join_url(config.data_dir, WORD_COUNTS_FILE),
+        word_counts_url=word_counts_url,
+        vocabulary_id=vocabulary_id or parse_word_counts(read_text(word_counts_url)).id,
         eval=config.eval.model_dump(mode="json"),
         phase1_steps=config.train.phase1.steps,
         log_progress=log.isEnabledFor(logging.INFO),
@@ -178,7 +183,10 @@ class CheckpointCaptioners:
     """Each checkpoint as (ShowAndTell, Captioner): `trainer.checkpoints.CheckpointLoader` loads it
     (a final/ with its own config and vocabulary, a kept checkpoint with the run's `model` config
     and `<data_dir>/word_counts.txt`), and the Captioner around the model is built again only when
-    the loader built a new model."""
+    the loader built a new model. A checkpoint of another vocabulary than the data's is refused
+    (ShowtellError naming both ids): a final/ whose own word_counts.txt is not the data's, before
+    it is loaded, and a kept one whose state.json names another, by the loader. Its word ids are
+    not the records' (perplexity would read ids past its vocabulary), nor its captions' words."""
 
     def __init__(self, plan: EvalPlan):
         self._plan = plan
@@ -191,6 +199,12 @@ class CheckpointCaptioners:
         from schemas.config import Model
 
         if ref.kind == FINAL:
+            own, data = parse_word_counts(read_text(join_url(ref.url, WORD_COUNTS_FILE))).id, self._plan.vocabulary_id
+            if own != data:
+                raise ShowtellError(
+                    f"checkpoint {ref.url} was trained on vocabulary {own}, not on the data's {data} "
+                    "(the word ids of its records): evaluate it on the data it was trained on"
+                )
             loaded = self._loader.load(ref.url)
         else:
             model_cfg = Model.model_validate(self._plan.model)
@@ -219,7 +233,7 @@ def evaluate_checkpoint(
     scorer: CocoScorer,
 ) -> dict:
     """One checkpoint's result: status `ok` with perplexity, metrics, blind baseline and captions,
-    or `failed` with the error when it does not load."""
+    or `failed` with the error when it does not load or is of another vocabulary than the data's."""
     from trainer.validation import model_perplexity
 
     settings = plan.eval

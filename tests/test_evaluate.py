@@ -24,8 +24,12 @@ from schemas.config import METRICS, build_config, load_config
 from schemas.errors import ShowtellError
 from schemas.layout import BEST_FILE, EVAL_HTML_FILE, EVAL_REPORT_FILE, WEIGHTS_FILE
 from schemas.tfrecord import write_records
+from schemas.vocabulary import parse_word_counts
 from tests.browser import pixel_spread, screenshot
+from tests.captioning import WORD_COUNTS
 from tests.test_coco_metrics import direct_scores
+
+OTHER_VOCABULARY = parse_word_counts(WORD_COUNTS).id  # not the sample data's
 
 
 def make_train_dir(root, files: dict[str, str]) -> None:
@@ -324,10 +328,12 @@ def test_no_loadable_checkpoint_is_an_error_after_the_report_is_written(demo_run
 
 @pytest.fixture(scope="module")
 def untrained_run(tmp_path_factory):
-    """A tiny preprocessed sample (2 test images) and three kept phase 1 checkpoints: two of untrained
-    weights, one without its weights file (it fails to load)."""
+    """A tiny preprocessed sample (2 test images) and four kept phase 1 checkpoints: two of untrained
+    weights, one without its weights file (it fails to load), one whose state.json names another
+    vocabulary; and a phase 1 final/ of another vocabulary (tests/captioning.py's tiny model)."""
     from pipelines.preprocess import run_preprocess
     from pipelines.sample_data import generate_sample_data
+    from tests.captioning import publish_tiny_final
     from trainer import checkpoints as ckpt
 
     root = tmp_path_factory.mktemp("untrained") / "run"
@@ -345,26 +351,72 @@ def untrained_run(tmp_path_factory):
     run_preprocess(config)
     untrained = ckpt.build_inference_model(config.model, (root / "data" / "word_counts.txt").read_text())
     state = {"fingerprint": ckpt.weights_fingerprint(untrained)}
-    for step in (1, 2, 3):
+    for step in (1, 2, 3, 4):
         folder = root / "train" / "phase1" / f"checkpoint_{step:09d}"
         folder.mkdir(parents=True)
         if step != 3:
             untrained.save_weights(str(folder / WEIGHTS_FILE))
-        (folder / "state.json").write_text(json.dumps({**state, "step": step}))
+        other = {"vocabulary_id": OTHER_VOCABULARY} if step == 4 else {}
+        (folder / "state.json").write_text(json.dumps({**state, **other, "step": step}))
+    publish_tiny_final(root)  # train/phase1/final, over OTHER_VOCABULARY
     return config
 
 
-@pytest.mark.slow
-def test_progress_shows_checkpoints_evaluated_of_all_and_the_images_captioned(untrained_run):
+@pytest.fixture(scope="module")
+def untrained_evaluated(untrained_run):
+    """`run_evaluate` on the untrained run: its report, and what the progress display printed."""
     from schemas import progress
 
     display = io.StringIO()
     progress.configure(display, bar=False, every=60.0)
     try:
-        run_evaluate(untrained_run)
+        report = run_evaluate(untrained_run)
     finally:
         progress.configure(None, bar=False)
+    return report, display.getvalue()
 
-    line = display.getvalue().splitlines()[-1]  # the line the display closed with
-    assert " evaluate: 3/3 checkpoints (100%), " in line  # the one that failed to load counts too
+
+@pytest.mark.slow
+def test_progress_shows_checkpoints_evaluated_of_all_and_the_images_captioned(untrained_evaluated):
+    line = untrained_evaluated[1].splitlines()[-1]  # the line the display closed with
+    assert " evaluate: 5/5 checkpoints (100%), " in line  # those that failed count too
     assert re.search(r"; checkpoint phase 1 intermediate step [12], images 2/2$", line), line
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_vocabulary_than_the_datas_fails_alone_naming_both_ids(
+    untrained_run, untrained_evaluated
+):
+    report = untrained_evaluated[0]
+    data = json.loads((Path(untrained_run.data_dir) / "preprocess_report.json").read_text())["vocabulary"]["id"]
+    train = Path(untrained_run.train_dir) / "phase1"
+    failed = {c["url"]: c["error"] for c in report["checkpoints"] if c["status"] == "failed"}
+
+    assert report["counts"] == {"checkpoints": 5, "ok": 2, "failed": 3}
+    assert [c["step"] for c in report["checkpoints"] if c["status"] == "ok"] == [1, 2]
+    assert failed[str(train / "final")] == (
+        f"ShowtellError: checkpoint {train / 'final'} was trained on vocabulary {OTHER_VOCABULARY}, not on the "
+        f"data's {data} (the word ids of its records): evaluate it on the data it was trained on"
+    )
+    kept = train / "checkpoint_000000004"
+    assert failed[str(kept)] == (
+        f"ShowtellError: checkpoint {kept} was trained on vocabulary {OTHER_VOCABULARY}, not on {data} (the "
+        "word_counts.txt it is loaded with): use it with the word_counts.txt of the data it was trained on"
+    )
+
+
+def test_the_datas_vocabulary_is_the_preprocess_reports_else_its_word_counts(tmp_path):
+    config = build_config({"run_root": str(tmp_path)})
+    split = {"records_written": 5, "images": {"written": 1}}
+    word_counts = "a 9\n<S> 7\n</S> 7\n"
+    make_train_dir(
+        tmp_path,
+        {"data/test-00000-of-00001": "", "data/word_counts.txt": word_counts, "train/phase1/final/state.json": "{}"},
+    )
+    plans = []
+    for vocabulary in ({}, {"vocabulary": {"id": "3f1c0d5e9a7b2468"}}):  # preprocessed before it was recorded, after
+        report = {"splits": {name: split for name in ("train", "val", "test")}, **vocabulary}
+        make_train_dir(tmp_path, {"data/preprocess_report.json": json.dumps(report)})
+        plans.append(plan_from_config(config, str(tmp_path / "out")))
+
+    assert [plan.vocabulary_id for plan in plans] == [parse_word_counts(word_counts).id, "3f1c0d5e9a7b2468"]
