@@ -230,6 +230,31 @@ def _write_run_report(config: Config) -> Optional[str]:
         return None
 
 
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from orchestration.promote import rollback
+    from orchestration.steps import promote_run
+    from schemas.models_root import models_root_of
+
+    if (args.rollback or args.force) and not (args.reason or "").strip():
+        raise ShowtellError(f"{'--rollback' if args.rollback else '--force'} needs --reason TEXT, for the audit line")
+    if args.reason and not (args.rollback or args.force):
+        raise ShowtellError("--reason goes with --rollback or --force")
+    config = _dated_config(args)
+    if args.rollback:
+        record = rollback(models_root_of(config), args.reason, config.run.lock_stale_seconds)
+        restored, displaced = record["restored"], record["displaced"]
+        _result(
+            args,
+            f"rolled back: {record['model']} is model {restored['id']} again (trained on {restored['run_root']}); "
+            f"model {displaced['id']} is kept at {displaced['location']}",
+        )
+        return 0
+    record = promote_run(config, forced=args.reason if args.force else None)
+    where = record["model"] or f"{models_root_of(config)} unchanged"
+    _result(args, f"{record['decision'].replace('_', ' ')}: {record['reason']} ({where})")
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from orchestration.run import step_status
     from orchestration.run_text import format_status
@@ -391,17 +416,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="wait up to SECONDS for another run holding the run_root lock (default: fail at once, naming it)",
     )
+    promote = add_subcommand(
+        "promote",
+        help="the run's export against the current model (the promote step's gate), or by hand: "
+        "--force promotes it whatever the gate says, --rollback restores the previous model",
+    )
+    _add_config_args(promote)
+    by_hand = promote.add_mutually_exclusive_group()
+    by_hand.add_argument(
+        "--force", action="store_true", help="promote the run's export even if the gate holds it back"
+    )
+    by_hand.add_argument(
+        "--rollback", action="store_true", help="make the model that was current before the current one current again"
+    )
+    promote.add_argument(
+        "--reason", metavar="TEXT", help="why, for the history's audit line (with --force or --rollback)"
+    )
     status = add_subcommand(
         "status", help="each step of `showtell run`: state, start, duration, outputs, current or stale"
     )
     _add_config_args(status)
     report = add_subcommand("report", help="write <run_root>/report.html, the whole run on one page; prints its path")
     _add_config_args(report)
-    for command in (run, status, report):
+    for command in (run, promote, status, report):
         command.add_argument(
             "--date", metavar="YYYY-MM-DD", help="the day `{date}` in the config stands for (default: today, UTC)"
         )
     run.set_defaults(func=_cmd_run)
+    promote.set_defaults(func=_cmd_promote)
     status.set_defaults(func=_cmd_status)
     report.set_defaults(func=_cmd_report)
     return parser

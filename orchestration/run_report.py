@@ -355,15 +355,6 @@ def _evaluation_section(config: Config, manifest: Manifest) -> str:
     return "\n".join(parts)
 
 
-def _promotion_reason(decision: dict) -> str:
-    metric, new, current, tolerance = (decision[k] for k in ("metric", "new_value", "current_value", "tolerance"))
-    if current is None:
-        return "the first model: there was no current model to compare with"
-    verdict = ">=" if decision["decision"] == "promoted" else "<"
-    current_text = format_number(current, 4)
-    return f"{metric} {format_number(new, 4)} {verdict} the current model's {current_text} - tolerance {tolerance:g}"
-
-
 def _promotion_section(config: Config, manifest: Manifest) -> str:
     url = decision_file(config)
     decision = read_json(url)
@@ -371,17 +362,28 @@ def _promotion_section(config: Config, manifest: Manifest) -> str:
         return _missing(f"No promotion decision at {url}: the promote step has not finished in this run root.")
     metric = decision["metric"]
     previous = decision.get("previous_model") or {}
+    measured = decision.get("measured_on") or {}
     rows = [
         ["decision", f"<b>{_e(decision['decision'].replace('_', ' '))}</b>"],
-        ["reason", _e(_promotion_reason(decision))],
+        ["reason", _e(decision.get("reason", "-"))],
         [f"new model's {_e(metric)}", _e(format_number(decision["new_value"], 4))],
-        [f"current model's {_e(metric)}", _e(format_number(decision["current_value"], 4))],
+        [f"current model's {_e(metric)}, on the same data", _e(format_number(decision["current_value"], 4))],
+        ["threshold applied", _e(format_number(decision.get("threshold"), 4))],
+        ["promote.min_value, promote.tolerance", _e(f"{decision.get('min_value')}, {decision['tolerance']:g}")],
+        ["measured on", _e(_measured_on(measured.get("new")))],
         ["new model", _e(decision["export"])],
         ["promoted model", _e(decision["model"] or "-")],
         ["model that was current", _e(previous.get("location", "-"))],
         ["decided", _e(decision["time"])],
     ]
     return _html_table(None, rows, {0: "text", 1: "text"})
+
+
+def _measured_on(where: Optional[dict]) -> str:
+    """The data both values were measured on, in words."""
+    if not where:
+        return "-"
+    return f"{where['images']} images of the {where['split']} split of {where['run_root']} (data {where['data'][:12]})"
 
 
 # ---------------------------------------------------------------------------------------------

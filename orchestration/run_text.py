@@ -88,15 +88,8 @@ def format_results(config: Config, result: RunResult) -> str:
     decision = read_json(decision_file(config)) if "promote" in reached else None
     if decision is not None:
         current = join_url(models_root_of(config), CURRENT_DIR)
-        if decision["current_value"] is None:
-            comparison = "the first model"
-        else:
-            comparison = (
-                f"{decision['metric']} {decision['new_value']:.4f} vs the current model's "
-                f"{decision['current_value']:.4f} - tolerance {decision['tolerance']:g}"
-            )
         if decision["decision"] == HELD_BACK:
-            lines.append(f"held back: {decision['export']} ({comparison}); the promoted model stays {current}")
+            lines.append(f"held back: {decision['export']} ({decision['reason']}); the promoted model stays {current}")
         else:
-            lines.append(f"promoted model: {current} ({comparison})")
+            lines.append(f"promoted model: {current} ({decision['reason']})")
     return "\n".join(lines)

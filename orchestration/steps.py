@@ -53,7 +53,7 @@ import logging
 import tempfile
 from typing import Any, Callable, Optional
 
-from orchestration.promote import Candidate, promote
+from orchestration.promote import Candidate, Gate, promote
 from pipelines.eval_report import find_checkpoint
 from schemas.config import MSCOCO_FILES, Config, join_url
 from schemas.errors import ShowtellError
@@ -243,8 +243,9 @@ def _publish_checkpoint(config: Config, url: str) -> str:
         )
 
 
-def _promote(config: Config) -> dict[str, Any]:
-    """Offers the export to `promote.models_root`; writes the decision to `<run_root>/promote.json`."""
+def promote_run(config: Config, forced: Optional[str] = None) -> dict[str, Any]:
+    """Offers the run's export to `promote.models_root` (the promote step; `showtell promote`, which
+    may force it through with a reason); writes the decision to `<run_root>/promote.json`."""
     best = _required_json(join_url(config.eval_dir, BEST_FILE), "evaluate")
     report = _required_json(join_url(config.eval_dir, EVAL_REPORT_FILE), "evaluate")
     if not exists(join_url(export_dir(config), EXPORT_METADATA_FILE)):
@@ -253,18 +254,24 @@ def _promote(config: Config) -> dict[str, Any]:
         raise ShowtellError(
             f"promote.models_root {models_root_of(config)} is the run_root itself: give it a folder of its own"
         )
+    trained_on = _trained_on(config)
     candidate = Candidate(
         export_dir=absolute(export_dir(config)),
         metrics=find_checkpoint(report, best["checkpoint"])["metrics"],
         run_root=absolute(config.run_root),
-        details={"checkpoint": best["checkpoint"], "eval": report.get("eval"), "data": _trained_on(config)},
+        details={"checkpoint": best["checkpoint"], "eval": report.get("eval"), "data": trained_on},
+        baseline=report.get("baseline"),
+        measured_on={
+            "run_root": absolute(config.run_root),
+            "split": report["split"],
+            "images": report.get("images"),
+            "data": trained_on["fingerprint"],
+        },
     )
-    promote_cfg = config.promote
-    record = promote(
-        candidate, models_root_of(config), promote_cfg.metric, promote_cfg.tolerance, config.run.lock_stale_seconds
-    )
+    gate = Gate(config.promote.metric, config.promote.tolerance, config.promote.min_value)
+    record = promote(candidate, models_root_of(config), gate, config.run.lock_stale_seconds, forced=forced)
     write_text(decision_file(config), json.dumps(record, indent=1) + "\n")
-    return {key: record[key] for key in ("decision", "metric", "new_value", "current_value", "model")}
+    return {key: record[key] for key in ("decision", "reason", "metric", "new_value", "current_value", "model")}
 
 
 def _trained_on(config: Config) -> dict[str, Any]:
@@ -357,7 +364,7 @@ STEPS: tuple[Step, ...] = (
         keys=_keys("promote"),
         inputs=lambda c: [join_url(c.eval_dir, BEST_FILE), join_url(c.eval_dir, EVAL_REPORT_FILE), export_dir(c)],
         outputs=lambda c: [decision_file(c)],
-        work=_promote,
+        work=promote_run,
     ),
 )
 STEP_NAMES: tuple[str, ...] = tuple(step.name for step in STEPS)

@@ -54,9 +54,18 @@ def checkpoint_order(checkpoint: Mapping) -> tuple:
     return checkpoint["phase"], checkpoint["step"] is None, checkpoint["step"] or 0, checkpoint["kind"] == "final"
 
 
-def build_report(results: Sequence[dict], *, split: str, select_by: str, summary: Mapping, created: str) -> dict:
+def build_report(
+    results: Sequence[dict],
+    *,
+    split: str,
+    select_by: str,
+    summary: Mapping,
+    created: str,
+    baseline: Optional[dict] = None,
+) -> dict:
     """One report from every checkpoint's result (any order): checkpoints sorted by phase, step
-    and kind, counts of ok and failed ones, and the best."""
+    and kind, counts of ok and failed ones, the best, and the baseline's result (the promoted
+    model on the same images, with its promotion `id` and `run_root`; None without one)."""
     checkpoints = sorted(results, key=checkpoint_order)
     ok = [c for c in checkpoints if c["status"] == "ok"]
     return {
@@ -68,6 +77,7 @@ def build_report(results: Sequence[dict], *, split: str, select_by: str, summary
         "select_by": select_by,
         "best": select_best(checkpoints, select_by),
         "checkpoints": list(checkpoints),
+        "baseline": baseline,
     }
 
 
@@ -118,6 +128,13 @@ def summarize_report(report: dict, samples: int = 3) -> str:
         row = f"{format_number(c['perplexity'], 2):>11}"
         row += "".join(f"{format_number(c['metrics'].get(n)):>9}" for n in names)
         lines.append(head + row + ("   <- best" if c["url"] == best_url else ""))
+    baseline = report.get("baseline")
+    if baseline is not None:
+        head = f"  promoted model {baseline['id']} (trained on {baseline['run_root']}), on the same images:"
+        if baseline["status"] != "ok":
+            lines.append(f"{head} FAILED: {baseline['error']}")
+        else:
+            lines.append(head + "".join(f" {n} {format_number(baseline['metrics'].get(n))}" for n in names))
     if report["best"] is None:
         lines.append("  no checkpoint could be evaluated")
         return "\n".join(lines)
@@ -263,8 +280,13 @@ def metrics_table(report: dict) -> str:
     columns = ["phase", "step", "kind", "status", "perplexity", *names, f"blind {select_by}", "seconds"]
     head = "".join(f"<th>{column}</th>" for column in columns)
     rows = []
-    for c in report["checkpoints"]:
-        cells = [str(c["phase"]), "?" if c["step"] is None else str(c["step"]), c["kind"]]
+    baseline = report.get("baseline")
+    shown = [
+        (c, [str(c["phase"]), "?" if c["step"] is None else str(c["step"]), c["kind"]]) for c in report["checkpoints"]
+    ]
+    if baseline is not None:  # the promoted model, on the same images: the gate's other value
+        shown.append((baseline, ["-", "-", f"promoted model {baseline['id']}"]))
+    for c, cells in shown:
         first = "".join(f"<td{' class=text' if i == 2 else ''}>{html.escape(v)}</td>" for i, v in enumerate(cells))
         title = f' title="{html.escape(c["url"])}"'
         if c["status"] != "ok":

@@ -52,6 +52,7 @@ from pipelines.eval_report import build_report, checkpoint_order, write_report
 from schemas.config import Config, join_url
 from schemas.errors import ShowtellError
 from schemas.layout import EVAL_REPORT_FILE, FINAL_DIR, PREPROCESS_REPORT_FILE, STATE_FILE
+from schemas.models_root import baseline_location, model_id, read_baseline
 from schemas.progress import advance, tracked
 from schemas.storage import publish_dir, read_json, read_text
 from schemas.vocabulary import WORD_COUNTS_FILE, parse_word_counts
@@ -64,6 +65,7 @@ log = logging.getLogger("showtell.evaluate")
 progress = logging.getLogger("showtell.evaluate.progress")
 
 FINAL, INTERMEDIATE = "final", "intermediate"  # the two kinds of checkpoint
+BASELINE = "baseline"  # the run's pinned baseline model (an export), scored on the same images
 CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)$")  # Ray's kept checkpoints, named by step
 SUMMARY_MODEL_KEYS = {"encoder", "image_size", "embedding_size", "num_lstm_units"}  # config.model in report.json
 
@@ -74,7 +76,9 @@ class CheckpointRef:
 
     phase: int  # 1 or 2
     step: Optional[int]  # the phase's training step it holds; None if a final/ has no readable state.json
-    kind: str  # FINAL (`phaseN/final/`: config and vocabulary included) or INTERMEDIATE (Ray's `checkpoint_*`)
+    # FINAL (`phaseN/final/`: config and vocabulary included), INTERMEDIATE (Ray's `checkpoint_*`),
+    # or BASELINE (the promoted model the run pinned: an export, phase 0)
+    kind: str
     url: str  # the checkpoint folder (local path or fsspec URL)
 
 
@@ -83,6 +87,10 @@ class EvalPlan:
     """Everything the pipeline needs, resolved from config: plain values, picklable."""
 
     checkpoints: tuple[CheckpointRef, ...]  # what to evaluate
+    # The run's pinned baseline, scored on the same images for the promotion gate: its ref, and
+    # {"id": its promotion id, "run_root": the run that trained it}; None when none was promoted.
+    baseline: Optional[CheckpointRef]
+    baseline_model: Optional[dict]
     split: str  # the split evaluated
     files: tuple[str, ...]  # its shards (local paths or URLs of any fsspec store)
     shard_cache: dict  # config.train.shard_cache as JSON: where perplexity caches remote shards while it reads them
@@ -145,11 +153,14 @@ def plan_from_config(config: Config, output_dir: str) -> EvalPlan:
     if not checkpoints:
         raise ShowtellError(f"no checkpoints under {config.train_dir}: run `showtell train --phase 1` first")
     check_java()
+    baseline, baseline_model = _baseline(config)
     split_images_written = preprocess_report["splits"][split]["images"]["written"]
     word_counts_url = join_url(config.data_dir, WORD_COUNTS_FILE)
     vocabulary_id = preprocess_report.get("vocabulary", {}).get("id")  # None: preprocessed before it was recorded
     return EvalPlan(
         checkpoints=tuple(checkpoints),
+        baseline=baseline,
+        baseline_model=baseline_model,
         split=split,
         files=tuple(shard_files(config.data_dir, split)),
         shard_cache=config.train.shard_cache.model_dump(mode="json"),
@@ -168,6 +179,16 @@ def plan_from_config(config: Config, output_dir: str) -> EvalPlan:
         },
         output_dir=output_dir,
     )
+
+
+def _baseline(config: Config) -> tuple[Optional[CheckpointRef], Optional[dict]]:
+    """The run's pinned baseline (`<run_root>/baseline.json`, from `showtell run`'s baseline step)
+    as a ref to evaluate and who it is; (None, None) when none was pinned or promoted."""
+    location = baseline_location(config.run_root)
+    if location is None:
+        return None, None
+    model = read_baseline(config.run_root)["model"]
+    return CheckpointRef(0, None, BASELINE, location), {"id": model_id(model), "run_root": model["run_root"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,10 +215,13 @@ class CheckpointCaptioners:
         self._captioner = None  # a Captioner of the loader's current model
 
     def load(self, ref: CheckpointRef):
-        """(ShowAndTell, Captioner) holding `ref`'s weights; any error when it does not load."""
-        from inference.captioner import Captioner
+        """(ShowAndTell, Captioner) holding `ref`'s weights; any error when it does not load. The
+        baseline is an export of any vocabulary (it captions in words): (None, its Captioner)."""
+        from inference.captioner import Captioner, load_captioner
         from schemas.config import Model
 
+        if ref.kind == BASELINE:
+            return None, load_captioner(ref.url)
         if ref.kind == FINAL:
             own, data = parse_word_counts(read_text(join_url(ref.url, WORD_COUNTS_FILE))).id, self._plan.vocabulary_id
             if own != data:
@@ -247,12 +271,14 @@ def evaluate_checkpoint(
         return {**result, "status": "failed", "error": error_text, "seconds": round(time.time() - started, 1)}
 
     options = {k: settings[k] for k in ("beam_size", "max_caption_length", "length_normalization", "batch_size")}
-    image_size = model.model_cfg.image_size
-    shown = f"phase {ref.phase} {ref.kind} step {ref.step}"
+    image_size = captioner.image_size
+    shown = "the promoted model" if ref.kind == BASELINE else f"phase {ref.phase} {ref.kind} step {ref.step}"
     advance(0, checkpoint=shown, images=f"0/{plan.images}")
-    perplexity = model_perplexity(
-        model, list(plan.files), image_size, batch_size=settings["batch_size"], shard_cache=plan.shard_cache
-    )
+    perplexity = math.nan  # the baseline's: its word ids are not the records' (its own vocabulary)
+    if model is not None:
+        perplexity = model_perplexity(
+            model, list(plan.files), image_size, batch_size=settings["batch_size"], shard_cache=plan.shard_cache
+        )
     captions = []
     images = split_images(plan.files, settings["max_images"])
     while batch := list(itertools.islice(images, settings["batch_size"])):
@@ -346,12 +372,23 @@ class EvaluateCheckpointFn(beam.DoFn):
 def write_outputs(results: list[dict], plan: EvalPlan, created: str) -> None:
     """Every checkpoint's result -> report.json, report.html (with the first `report_images`
     images of the split) and best.json in `plan.output_dir`."""
+    baseline = next((r for r in results if r["kind"] == BASELINE), None)
     report = build_report(
-        results, split=plan.split, select_by=plan.eval["select_by"], summary=plan.summary, created=created
+        [r for r in results if r["kind"] != BASELINE],
+        split=plan.split,
+        select_by=plan.eval["select_by"],
+        summary=plan.summary,
+        created=created,
+        baseline=None if baseline is None else {**baseline, **plan.baseline_model},
     )
     shown = min(plan.eval["report_images"], plan.eval["max_images"] or plan.eval["report_images"])
     samples = dict(split_images(plan.files, shown)) if shown else {}
     write_report(plan.output_dir, report, samples)
+
+
+def evaluated(plan: EvalPlan) -> tuple[CheckpointRef, ...]:
+    """What the pipeline evaluates: the checkpoints, and the baseline when there is one."""
+    return plan.checkpoints + ((plan.baseline,) if plan.baseline else ())
 
 
 def build_evaluate_pipeline(pipeline: beam.Pipeline, plan: EvalPlan, created: str) -> None:
@@ -367,7 +404,7 @@ def build_evaluate_pipeline(pipeline: beam.Pipeline, plan: EvalPlan, created: st
     )
     _ = (
         pipeline
-        | "Checkpoints" >> beam.Create(plan.checkpoints)
+        | "Checkpoints" >> beam.Create(evaluated(plan))
         | "Spread" >> beam.Reshuffle()
         | "EvaluateCheckpoint" >> beam.ParDo(EvaluateCheckpointFn(plan), beam.pvalue.AsSingleton(references))
         | "Collect" >> beam.combiners.ToList()
@@ -382,8 +419,9 @@ def run_evaluate(config: Config) -> dict:
     with publish_dir(config.eval_dir, marker=EVAL_REPORT_FILE) as staging:
         plan = plan_from_config(config, staging)
         log.info(
-            "evaluate: %d checkpoints on the %s split (%s) -> %s on %s",
+            "evaluate: %d checkpoints%s on the %s split (%s) -> %s on %s",
             len(plan.checkpoints),
+            f" and the promoted model {plan.baseline_model['id']}" if plan.baseline_model else "",
             plan.split,
             config.data_dir,
             config.eval_dir,
@@ -392,7 +430,7 @@ def run_evaluate(config: Config) -> dict:
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         started = time.time()
         options = pipeline_options(config.beam, job_name=f"showtell-evaluate-{run_id}")
-        with tracked("evaluate", total=len(plan.checkpoints), unit="checkpoints"):
+        with tracked("evaluate", total=len(evaluated(plan)), unit="checkpoints"):
             with beam.Pipeline(options=options) as pipeline:
                 build_evaluate_pipeline(pipeline, plan, created)
         report = read_json(join_url(staging, EVAL_REPORT_FILE))

@@ -275,8 +275,11 @@ class Promote(_Strict):
     # `<run_root>/models`. Set one shared root when run_root changes per run (e.g. `{date}`).
     models_root: Optional[str] = None
     metric: Metric = "CIDEr"  # the report metric compared, higher is better (SPICE needs eval.spice)
-    # The new model is promoted when its metric >= the current model's minus this.
-    tolerance: float = Field(0.0, ge=0)
+    # The new model is promoted when its metric >= the current model's minus this, both scored on
+    # the same split of the run's data (the evaluate step scores the current model too).
+    tolerance: float = Field(0.0, ge=0, allow_inf_nan=False)
+    # An absolute floor: a new model whose metric is below it is held back, a first one too; null: none.
+    min_value: Optional[float] = Field(None, allow_inf_nan=False)
 
 
 class Run(_Strict):

@@ -17,7 +17,7 @@ import yaml
 from orchestration.cli import main as cli_main
 from orchestration.lock import FolderLock, LockHeldError, read_owner
 from orchestration.manifest import DONE, Manifest
-from orchestration.promote import Candidate, current_model, promote, read_history
+from orchestration.promote import Candidate, Gate, current_model, promote, read_history
 from pipelines.eval_report import build_report, write_report
 from schemas import stores
 from schemas.config import MSCOCO_FILES, build_config
@@ -167,8 +167,8 @@ def test_export_and_promotion(store, root, tmp_path):
     assert exists(f"{export}/saved_model.pb") and exists(f"{export}/showtell_export.json")
 
     models = f"{root}/models"
-    first = promote(Candidate(export, {"CIDEr": 0.5}, root, {}), models, "CIDEr", 0.0)
-    worse = promote(Candidate(f"{root}/export", {"CIDEr": 0.4}, f"{root}-b", {}), models, "CIDEr", 0.0)
+    first = promote(Candidate(export, {"CIDEr": 0.5}, root, {}), models, Gate("CIDEr"))
+    worse = promote(Candidate(f"{root}/export", {"CIDEr": 0.4}, f"{root}-b", {}), models, Gate("CIDEr"))
 
     assert first["decision"] == "promoted" and worse["decision"] in ("promoted", "held_back")
     assert current_model(models)["promotion"]["id"] == first["id"]

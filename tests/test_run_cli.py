@@ -106,3 +106,36 @@ def test_without_quiet_the_same_run_names_its_step_and_ends_with_a_summary(tmp_p
 def _seconds_in(text: str, after: str = "failed after ") -> str:
     """The seconds a console line states after `after`, as printed (e.g. "0.2")."""
     return re.search(re.escape(after) + r"([\d.]+) s", text).group(1)
+
+
+def test_cli_promote_by_hand_needs_a_reason_and_a_reason_needs_rollback_or_force(tmp_path, capsys):
+    config = str(config_file(tmp_path, {"run_root": str(tmp_path / "run")}))
+
+    assert main(["promote", "--config", config, "--rollback"]) == 2
+    assert main(["promote", "--config", config, "--force", "--reason", " "]) == 2
+    assert main(["promote", "--config", config, "--reason", "why"]) == 2
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "showtell promote: error: --rollback needs --reason TEXT, for the audit line",
+        "showtell promote: error: --force needs --reason TEXT, for the audit line",
+        "showtell promote: error: --reason goes with --rollback or --force",
+    ]
+
+
+def test_cli_rollback_restores_the_previous_model_and_says_which(tmp_path, capsys):
+    from orchestration.promote import Gate, current_model, promote, read_history
+    from tests.test_promote import _export
+
+    models = tmp_path / "models"
+    first = promote(_export(tmp_path, "night1", 0.5), str(models), Gate("CIDEr"))
+    second = promote(_export(tmp_path, "night2", 0.6, current=first, current_cider=0.5), str(models), Gate("CIDEr"))
+    config = config_file(tmp_path, {"run_root": str(tmp_path / "run"), "promote": {"models_root": str(models)}})
+
+    assert main(["promote", "--config", str(config), "--rollback", "--reason", "night 2 is wrong"]) == 0
+
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"rolled back: {models / 'current'} is model {first['id']} again")
+    assert f"model {second['id']} is kept at {models / 'previous'}" in out
+    assert current_model(str(models))["promotion"]["id"] == first["id"]
+    assert read_history(str(models))[-1]["reason"].endswith(": night 2 is wrong")

@@ -260,9 +260,12 @@ def test_the_promotion_section_shows_the_decision_both_values_and_the_reason(tin
     rows = dict(row for row in outline(section(_page(tiny_run), "promotion")).rows)
 
     assert rows["decision"] == "promoted"
-    assert rows["reason"] == "the first model: there was no current model to compare with"
+    assert rows["reason"] == "the first model"
     assert rows[f"new model's {decision['metric']}"] == f"{decision['new_value']:.4f}"
-    assert rows[f"current model's {decision['metric']}"] == "-"
+    assert rows[f"current model's {decision['metric']}, on the same data"] == "-"
+    assert rows["threshold applied"] == "-" and rows["promote.min_value, promote.tolerance"] == "None, 0"
+    where = decision["measured_on"]["new"]
+    assert rows["measured on"].startswith(f"{where['images']} images of the test split of {where['run_root']}")
 
 
 @pytest.mark.slow

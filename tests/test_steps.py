@@ -72,13 +72,20 @@ def test_every_real_step_is_in_order_and_names_its_keys_inputs_and_outputs():
     assert models_root_of(run_config(Path("/runs/x"), "promote.models_root=gs://b/models")) == "gs://b/models"
 
 
-def _evaluated_and_exported(root: Path, cider: float) -> None:
-    """eval/best.json, eval/report.json and export/ as the evaluate and export steps leave them."""
+def _evaluated_and_exported(root: Path, cider: float, baseline: dict | None = None) -> None:
+    """eval/best.json, eval/report.json (with `baseline`, the promoted model's result) and export/
+    as the evaluate and export steps leave them."""
     checkpoint = {"phase": 2, "step": 4, "kind": "final", "url": str(root / "train/phase2/final")}
     (root / "eval").mkdir(parents=True, exist_ok=True)
     best = {"select_by": "CIDEr", "value": cider, "checkpoint": checkpoint}
     (root / "eval" / "best.json").write_text(json.dumps(best))
-    report = {"eval": {"split": "test"}, "checkpoints": [{**checkpoint, "metrics": {"CIDEr": cider, "Bleu_4": 0.1}}]}
+    report = {
+        "split": "test",
+        "images": 6,
+        "eval": {"split": "test"},
+        "checkpoints": [{**checkpoint, "metrics": {"CIDEr": cider, "Bleu_4": 0.1}}],
+        "baseline": baseline,
+    }
     (root / "eval" / "report.json").write_text(json.dumps(report))
     (root / "export").mkdir(exist_ok=True)
     (root / "export" / "saved_model.pb").write_text(f"model scoring {cider}")
@@ -97,8 +104,10 @@ def test_the_promote_step_offers_the_export_with_its_best_metrics_and_records_th
     assert json.loads((root / "promote.json").read_text())["run_root"] == str(root)
     assert (root / "models" / "current" / "saved_model.pb").read_text() == "model scoring 0.5"
 
-    _evaluated_and_exported(root, 0.4)
-    assert promote_step.work(config)["decision"] == "held_back"
+    first = json.loads((root / "promote.json").read_text())
+    _evaluated_and_exported(root, 0.4, baseline={"id": first["id"], "status": "ok", "metrics": {"CIDEr": 0.5}})
+    summary = promote_step.work(config)
+    assert summary["decision"] == "held_back" and summary["current_value"] == 0.5
 
 
 def test_the_promote_step_refuses_a_models_root_that_is_the_run_root(root):
