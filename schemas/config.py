@@ -118,6 +118,32 @@ class Data(_Strict):
     download: Download = Download()  # network behaviour of `showtell download`
 
 
+class Checks(_Strict):
+    """The data checks before any training (`showtell run`'s check-data step, pipelines/data_checks.py):
+    this run's data statistics against those of the data the run's baseline model (the one
+    promoted when the run began) was trained on. A check past its threshold is an anomaly, and
+    the run stops before training. Null turns a check off. The defaults let a night of ~20% more
+    data of the same kind pass, and stop one where 40% of the images are corrupt or half the
+    captions are a single word."""
+
+    # A split's share of its listed images skipped for one reason (corrupt_image, missing_image,
+    # ...) may be at most this much above the champion's share for that reason: 0.05 = 5 points.
+    max_skip_rate_increase: Optional[float] = Field(0.05, ge=0, le=1, allow_inf_nan=False)
+    # The L-infinity distance between a split's caption length histogram (words per written
+    # caption, normalised) and the champion's: the largest difference in one length's share of
+    # the captions, as tensorflow-data-validation's drift comparator measures it.
+    max_caption_length_drift: Optional[float] = Field(0.2, ge=0, le=1, allow_inf_nan=False)
+    # A split's caption lengths are compared only when it and the champion's each have at least
+    # this many written captions: in fewer, chance alone moves a length's share past the threshold.
+    min_captions_compared: int = Field(100, ge=1)
+    # The share of the train captions' words that the champion's vocabulary lacks may be at most
+    # this much above the share its own training captions had under it: 0.05 = 5 points.
+    max_oov_rate_increase: Optional[float] = Field(0.05, ge=0, le=1, allow_inf_nan=False)
+    # A split's records written must be at least this fraction of the champion's: 0.5 stops a
+    # night whose records fell by more than half.
+    min_records_ratio: Optional[float] = Field(0.5, ge=0, le=1, allow_inf_nan=False)
+
+
 class Beam(_Strict):
     runner: str = "DirectRunner"  # any Beam runner name: DirectRunner, DataflowRunner, FlinkRunner, ...
     # DirectRunner only: `multi_processing` runs bundles in `direct_num_workers` processes.
@@ -206,9 +232,10 @@ class Train(_Strict):
     # `warm_start_steps` steps, its vocabulary remapped to the data's (words kept, added, dropped).
     init_from: str = Field("none", min_length=1)
     warm_start_steps: int = Field(20_000, gt=0)  # phase 2's steps when it starts from train.init_from
-    # Wall-clock limit of each training phase, in minutes (null: none): once past it, every worker
-    # stops after the step it is on, and that step is checkpointed and published as the phase's
-    # final/, its state.json saying `stopped: max_minutes`. A later `showtell train` trains on.
+    # Wall-clock limit of a warm-started fine-tune, in minutes (null: none), so a night's training
+    # fits its window: once past it, every worker stops after the step it is on, and that step is
+    # checkpointed and published as phase 2's final/, its state.json saying `stopped: max_minutes`.
+    # Training from scratch (no model to start from: a first night) is not limited by it.
     max_minutes: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
     # Training examples per epoch (for the decay schedule); null: records written to train shards.
     num_examples_per_epoch: Optional[int] = Field(None, gt=0)
@@ -378,6 +405,7 @@ class Kfp(_Strict):
 class Config(_Strict):
     run_root: str  # fsspec URL every step writes under (a local path, gs://..., s3://...)
     data: Data = Data()  # where data comes from and how records are written
+    checks: Checks = Checks()  # the data checks that stop a run before training (thresholds; null: off)
     beam: Beam = Beam()  # how Beam pipelines run
     model: Model = Model()  # the captioner
     train: Train = Train()  # the two training phases

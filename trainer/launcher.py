@@ -11,8 +11,8 @@ checkpoint as `<run_root>/train/phaseN/final/` (see `trainer.checkpoints`).
 
 With `train.init_from` naming a model (`trainer.warm_start`), phase 1 trains nothing: it remaps
 that model to the data's vocabulary into `<run_root>/train/warm_start/`, and phase 2 fine-tunes
-from there for `train.warm_start_steps` steps. `train.max_minutes` bounds each phase's wall-clock
-time from when `run_phase` starts it: the phase then publishes the step it stopped at.
+from there for `train.warm_start_steps` steps, within `train.max_minutes` of wall-clock time from
+when `run_phase` starts it (it then publishes the step it stopped at).
 
 While `fit` runs, the driver shows the phase's progress display (`schemas.progress`): step out of
 total (phase 1's encoder pretraining steps counted first), loss, examples/s and time left, as rank
@@ -104,9 +104,17 @@ def plan_phase(config: Config, phase: int) -> PhasePlan:
         steps_per_epoch=examples / global_batch,
         init_dir=init_dir,
         init_fingerprint=init_fingerprint,
-        deadline=time.time() + 60 * config.train.max_minutes if config.train.max_minutes else None,
+        deadline=_deadline(config, phase),
     )
     return PhasePlan(job=job, phase_dir=phase_dir, steps=phase_cfg.steps)
+
+
+def _deadline(config: Config, phase: int) -> Optional[float]:
+    """When a warm-started fine-tune must stop (`train.max_minutes` from now), as time.time();
+    None without a limit or a warm start."""
+    if phase != 2 or not config.train.max_minutes or init_source(config) is None:
+        return None
+    return time.time() + 60 * config.train.max_minutes
 
 
 def _phase2_start(config: Config, vocabulary_id: str) -> tuple[str, str]:
