@@ -9,6 +9,7 @@ import threading
 import zipfile
 from typing import BinaryIO
 
+from schemas.errors import ShowtellError
 from schemas.storage import fresh_fs
 
 # What an object store's file (s3fs, gcsfs) reads ahead of each request into a zip. Members are
@@ -26,7 +27,14 @@ def _open_zip(url: str) -> zipfile.ZipFile:
     if url not in cache:
         fs, path = fresh_fs(url)
         handle: BinaryIO = fs.open(path, "rb", block_size=READ_AHEAD_BYTES)
-        cache[url] = zipfile.ZipFile(handle)
+        try:
+            cache[url] = zipfile.ZipFile(handle)
+        except zipfile.BadZipFile as error:  # a damaged input: the user's to replace, not a crash
+            handle.close()
+            raise ShowtellError(
+                f"{url}: not a readable zip file ({error}); replace it, or remove it and its .verified.json "
+                "to have `showtell download` fetch it again"
+            ) from None
     return cache[url]
 
 
