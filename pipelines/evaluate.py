@@ -57,6 +57,7 @@ from schemas.progress import advance, tracked
 from schemas.storage import publish_dir, read_json, read_text
 from schemas.vocabulary import WORD_COUNTS_FILE, parse_word_counts
 from trainer import checkpoints as ckpt
+from trainer.warm_start import init_source
 
 log = logging.getLogger("showtell.evaluate")
 # One line per evaluated checkpoint, written by the worker straight to its stderr (under `showtell
@@ -99,7 +100,8 @@ class EvalPlan:
     word_counts_url: str  # `<data_dir>/word_counts.txt`: the vocabulary of intermediate checkpoints
     vocabulary_id: str  # the data's vocabulary (its records' word ids): the preprocess report's, else word_counts.txt's
     eval: dict  # config.eval as JSON
-    phase1_steps: int  # where phase 2's steps start counting in all (its start is phase 1's last step)
+    # Where phase 2's steps start counting in all: phase 1's last step, or 0 for a warm start (no phase 1)
+    phase1_steps: int
     log_progress: bool  # workers write a line per checkpoint to stderr (the driver logs at INFO)
     summary: dict  # what report.json says about the run and its config
     output_dir: str  # where report.json, report.html and best.json are written
@@ -169,7 +171,7 @@ def plan_from_config(config: Config, output_dir: str) -> EvalPlan:
         word_counts_url=word_counts_url,
         vocabulary_id=vocabulary_id or parse_word_counts(read_text(word_counts_url)).id,
         eval=config.eval.model_dump(mode="json"),
-        phase1_steps=config.train.phase1.steps,
+        phase1_steps=0 if init_source(config) is not None else config.train.phase1.steps,
         log_progress=log.isEnabledFor(logging.INFO),
         summary={
             "run_root": config.run_root,

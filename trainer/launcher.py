@@ -39,7 +39,7 @@ from schemas.layout import FINAL_DIR, HISTORY_FILE, PREPROCESS_REPORT_FILE, STAT
 from schemas.vocabulary import WORD_COUNTS_FILE, parse_word_counts
 from trainer import checkpoints as ckpt
 from trainer.train_loop import MAX_MINUTES, TrainJob, train_loop_per_worker
-from trainer.warm_start import init_source, prepare_warm_start, warm_start_dir
+from trainer.warm_start import init_source, prepare_warm_start, recorded_fingerprint, warm_start_dir
 
 log = logging.getLogger("showtell.train")
 
@@ -204,11 +204,15 @@ def _summary(phase: int, phase_dir: str, state: dict, ran: bool) -> dict:
 
 def _warm_start(config: Config) -> dict:
     """Phase 1 of a warm-started run: no training, the initial model remapped to the data's
-    vocabulary into `train/warm_start/` (kept when it already holds this model and vocabulary)."""
+    vocabulary into `train/warm_start/` (kept when it already holds this very model, by its weights
+    fingerprint, for this vocabulary)."""
     source = init_source(config)
     vocabulary_id = parse_word_counts(ckpt.read_text(join_url(config.data_dir, WORD_COUNTS_FILE))).id
     state = ckpt.read_json(join_url(warm_start_dir(config), STATE_FILE))
-    ran = state is None or (state.get("init_from"), state.get("vocabulary_id")) != (source, vocabulary_id)
+    prepared_for = (source, recorded_fingerprint(source), vocabulary_id)
+    ran = state is None or (state.get("init_from"), state.get("init_fingerprint"), state.get("vocabulary_id")) != (
+        prepared_for
+    )
     if ran:
         state = prepare_warm_start(config)
     else:

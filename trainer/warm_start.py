@@ -147,6 +147,13 @@ def _read_export(url: str) -> InitialModel:
     return _initial_model(url, model, parse_word_counts(word_counts))
 
 
+def recorded_fingerprint(url: str) -> Optional[str]:
+    """The weights fingerprint a final/ (state.json) or an export (its metadata) records: which
+    model it holds, read without loading it."""
+    document = read_json(join_url(url, EXPORT_METADATA_FILE)) or read_json(join_url(url, STATE_FILE)) or {}
+    return document.get("fingerprint")
+
+
 # --- the remap --------------------------------------------------------------------------------
 
 
@@ -250,6 +257,7 @@ def prepare_warm_start(config: Config) -> dict[str, Any]:
         "vocab_size": model.vocab_size,
         "vocabulary_id": vocabulary.id,
         "init_from": source,
+        "init_fingerprint": recorded_fingerprint(source),
         "init_vocabulary_id": initial.vocabulary.id,
         "remap": remap.summary(),
     }
