@@ -3,8 +3,13 @@
 One container component per step of `showtell run` (orchestration/steps.py), in the same order,
 each running the same CLI in `kfp.image`:
 
-    download -> preprocess -> train-phase1 -> train-phase2 -> evaluate -> export -> promote
+    download -> baseline -> preprocess -> check-data -> train-phase1 -> train-phase2 -> evaluate
+    -> export -> promote
     each:  showtell run --config <config> --until <step> --date <the job's creation time>
+
+A run that ends early (the baseline step: no new data since the promoted model) ends every later
+component too: each one's `showtell run` finds the baseline step done and ends there again, with
+exit 0, so the job succeeds having trained nothing.
 
 `--until` makes every component idempotent: the steps before it are already done (the manifest
 at run_root says so and they are skipped), so each component does its own step, and a retried
