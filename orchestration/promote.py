@@ -183,9 +183,10 @@ def _decide(
 ) -> dict[str, Any]:
     """The decision record; nothing is moved yet."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    decision, current_value, threshold, reason = _judge(candidate, gate, new_value, current) if forced is None else (
-        PROMOTED, None, None, f"forced by {operator()}: {forced}"
-    )
+    if forced is None:
+        decision, current_value, threshold, reason = _judge(candidate, gate, new_value, current)
+    else:
+        decision, current_value, threshold, reason = PROMOTED, None, None, f"forced by {operator()}: {forced}"
     previous = None
     if current is not None:
         location = (
