@@ -3,6 +3,9 @@
     captions JSON (x2) ──expand──> images with split + tokens ──┬─ train tokens ─> tf.Transform vocabulary
                                                                  │                      │ (side input)
                                                                  └─ check image bytes ──┴─> records ─> shards
+                                                                          │
+                                                                          ├─ tallies ─> counts.json
+                                                                          └─ train words ─> word_frequencies.txt
 
 `build_preprocess_pipeline` is the pure factory (it only adds transforms to a Pipeline);
 `run_preprocess` is the runner: it checks the inputs, runs the pipeline into a staging folder,
@@ -10,10 +13,17 @@ completes the shard set, writes the report and the records' schema (both name th
 its id, `schemas.vocabulary.vocabulary_id`), and only then publishes everything as
 `<run_root>/data/` (`schemas.storage.publish_dir`), so a failed run never leaves half-written outputs there.
 
-Shards, word_counts.txt and the report are written with fsspec (any store); tf.Transform writes
-only through tf.io.gfile, which has no s3:// in TF 2.21 (and reaches gs:// at Google's endpoint
-only), so on such a run_root the DirectRunner stages transform_fn/ on local disk and copies it over
-(`_transform_dirs`).
+The data's statistics are computed here, by the pipeline's workers, for the data checks before
+training (`pipelines.data_checks`: tensorflow-data-validation has no release for TF 2.21): the
+tallies give per split the images skipped by reason, the records written and the written
+captions' lengths in words (the report's histogram); every word of the written train captions is
+counted into `data/word_frequencies.txt` (`schemas.layout.WORD_FREQUENCIES_FILE`), those under
+`data.min_word_count` too, so that an out-of-vocabulary rate under any vocabulary can be computed.
+
+Shards, word_counts.txt, word_frequencies.txt and the report are written with fsspec (any
+store); tf.Transform writes only through tf.io.gfile, which has no s3:// in TF 2.21 (and reaches
+gs:// at Google's endpoint only), so on such a run_root the DirectRunner stages transform_fn/ on
+local disk and copies it over (`_transform_dirs`).
 
 Records go to shards by a hash of (seed, image id, annotation id) and are sorted by it inside a
 shard, so the same input always gives byte-identical shards, whatever the runner's ordering.
@@ -54,13 +64,22 @@ from pipelines.captions import (
     read_captions_file,
     tokenized,
 )
-from pipelines.preprocess_report import SKIPPED_FILES_KEPT, build_report, skipped_files_key, written_image_tallies
+from pipelines.preprocess_report import (
+    SKIPPED_FILES_KEPT,
+    WORD_FREQUENCIES_SPLIT,
+    build_report,
+    caption_words,
+    format_word_frequencies,
+    parse_word_frequencies,
+    skipped_files_key,
+    written_image_tallies,
+)
 from pipelines.vocabulary import AnalyzeVocabulary
 from pipelines.zips import member_names, read_member
 from schemas import progress, records, stores
 from schemas.config import ANNOTATIONS_ZIP, TRAIN_IMAGES_ZIP, VAL_IMAGES_ZIP, Config, join_url
 from schemas.errors import ShowtellError
-from schemas.layout import PREPROCESS_REPORT_FILE, RECORD_SCHEMA_FILE
+from schemas.layout import PREPROCESS_REPORT_FILE, RECORD_SCHEMA_FILE, WORD_FREQUENCIES_FILE
 from schemas.storage import copy_dir, exists, fresh_fs, is_local, publish_dir, read_text, remove, write_text
 from schemas.tfrecord import write_records
 from schemas.vocabulary import WORD_COUNTS_FILE, Vocabulary, parse_word_counts
@@ -71,6 +90,7 @@ COUNTS_FILE = "counts.json"  # the pipeline's raw tallies, folded into the repor
 
 _COUNTS = "counts"  # tag of the side output that carries tallies
 _SKIPPED = "skipped_files"  # tag of the side output that carries (tally key, file name) of each skipped image
+_WORDS = "words"  # tag of the side output that carries (word, count) of each written train image's captions
 
 
 @dataclass(frozen=True)
@@ -78,7 +98,7 @@ class PreprocessPlan:
     """Everything the pipeline needs, resolved from config: plain values, picklable."""
 
     sources: tuple[AnnotationSource, ...]  # the two captions files and their image zips
-    output_dir: str  # where shards, word_counts.txt and counts.json are written
+    output_dir: str  # where shards, word_counts.txt, word_frequencies.txt and counts.json are written
     transform_dir: str  # where transform_fn/ and transformed_metadata/ are written (tf.io.gfile must reach it)
     shards: tuple[tuple[str, int], ...]  # (split, number of shard files), e.g. (("train", 256), ...)
     min_word_count: int  # vocabulary frequency threshold
@@ -129,7 +149,8 @@ def expand_source(source: AnnotationSource) -> Iterator:
 class CheckImageFn(beam.DoFn):
     """Reads an image out of its zip and checks it; kept images go on, skips become tallies.
 
-    A kept image goes on as (image, None), or (image, jpeg) when its bytes had to be re-encoded.
+    A kept image goes on as (image, None), or (image, jpeg) when its bytes had to be re-encoded;
+    a kept train image's captions' words go to the `_WORDS` output, (word, count) once per word.
     """
 
     def __init__(self, max_pixels: int):
@@ -152,6 +173,9 @@ class CheckImageFn(beam.DoFn):
             yield _tally(f"{split}/images/reencoded/{verdict.source_format}")
         for key, count in written_image_tallies(split, verdict.size, (c.tokens for c in image.captions)).items():
             yield _tally(key, count)
+        if split == WORD_FREQUENCIES_SPLIT:
+            for word, count in caption_words(c.tokens for c in image.captions).items():
+                yield beam.pvalue.TaggedOutput(_WORDS, (word, count))
         yield image, (verdict.jpeg if verdict.reencoded else None)
 
     def _verdict(self, image: CaptionedImage) -> image_checks.ImageVerdict:
@@ -244,7 +268,14 @@ def build_preprocess_pipeline(pipeline: beam.Pipeline, plan: PreprocessPlan) -> 
     )
 
     checked = listed | "CheckImages" >> beam.ParDo(CheckImageFn(plan.max_image_pixels)).with_outputs(
-        _COUNTS, _SKIPPED, main="kept"
+        _COUNTS, _SKIPPED, _WORDS, main="kept"
+    )
+    _ = (
+        checked[_WORDS]
+        | "SumWordCounts" >> beam.CombinePerKey(sum)  # combined on each worker before the shuffle
+        | "CollectWordCounts" >> beam.combiners.ToList()
+        | "FormatWordFrequencies" >> beam.Map(format_word_frequencies)
+        | "WriteWordFrequencies" >> beam.Map(write_text_to, join_url(plan.output_dir, WORD_FREQUENCIES_FILE))
     )
     skipped_files = (
         checked[_SKIPPED]
@@ -366,7 +397,9 @@ def run_preprocess(config: Config) -> dict:
         tallies = {**json.loads(read_text(join_url(staging, COUNTS_FILE))), **extra_tallies}
         remove(join_url(staging, COUNTS_FILE))
         vocabulary = parse_word_counts(read_text(join_url(staging, WORD_COUNTS_FILE)))
-        report = build_report(tallies, plan.shards, plan.min_word_count, vocabulary, time.time() - started)
+        frequencies = parse_word_frequencies(read_text(join_url(staging, WORD_FREQUENCIES_FILE)))
+        seconds = time.time() - started
+        report = build_report(tallies, plan.shards, plan.min_word_count, vocabulary, seconds, frequencies)
         report["output_dir"] = config.data_dir
         write_text(join_url(staging, RECORD_SCHEMA_FILE), records.record_schema_text(vocabulary.id))
         write_text(join_url(staging, PREPROCESS_REPORT_FILE), json.dumps(report, indent=2, sort_keys=True) + "\n")

@@ -11,25 +11,35 @@ listed, written and skipped (by reason), and checks that they add up. For exampl
                                      "size": {"width": {"min": 96, "median": 96, "max": 96},
                                               "height": {"min": 96, "median": 96, "max": 96}}},
                           "captions": {"listed": 1670, "written": 1665, "skipped": {"empty_file": 5},
-                                       "lengths": {"6": 410, "7": 802, ...}},
+                                       "lengths": {"6": 410, "7": 802, ...}, "words": 13902},
                           "records_written": 1665}, "val": ..., "test": ...},
      "vocabulary": {"words": 41, "unknown_id": 41, "min_word_count": 4, "id": "3f1c0d5e9a7b2468"},
+     "word_frequencies": {"file": "word_frequencies.txt", "split": "train", "words": 13902, "distinct": 44},
      "annotations": {"orphan_annotations": 0, ...}, "records_written": 2415, "seconds": 27.3}
 
 `skipped_files` names the first `SKIPPED_FILES_KEPT` skipped files per reason (by name); `size`
 sums up the written images' widths and heights in pixels; `lengths` counts the written captions
-by their number of tokens, `<S>` and `</S>` not counted; the vocabulary's `id` is word_counts.txt's
-`schemas.vocabulary.vocabulary_id`, the identity every checkpoint and export built on this data records.
+by their number of words (tokens, `<S>` and `</S>` not counted) and `words` is those words' total;
+the vocabulary's `id` is word_counts.txt's `schemas.vocabulary.vocabulary_id`, the identity every
+checkpoint and export built on this data records.
+
+`word_frequencies` sums up `data/word_frequencies.txt` (`schemas.layout.WORD_FREQUENCIES_FILE`):
+every word of the train split's written captions with its count, those under
+`data.min_word_count` too, so that the out-of-vocabulary rate of these captions under any
+vocabulary can be computed later (`pipelines.data_checks`). It is a file, not part of the
+report: MSCOCO's captions hold some 25,000 distinct words. Its lines are word_counts.txt's
+(`word count`), by descending count, then by word.
 """
 from __future__ import annotations
 
 import collections
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
-from schemas.layout import PREPROCESS_REPORT_FILE
+from schemas.layout import PREPROCESS_REPORT_FILE, WORD_FREQUENCIES_FILE
 from schemas.vocabulary import Vocabulary
 
 SKIPPED_FILES_KEPT = 5  # skipped files named per split and reason
+WORD_FREQUENCIES_SPLIT = "train"  # the split whose captions' words are counted into word_frequencies.txt
 
 
 def skipped_files_key(split: str, reason: str) -> str:
@@ -38,12 +48,35 @@ def skipped_files_key(split: str, reason: str) -> str:
 
 
 def written_image_tallies(split: str, size: tuple[int, int], captions: Iterable[Sequence[str]]) -> dict[str, int]:
-    """The tallies of a written image: its width and height, and its captions' lengths in tokens
-    (each caption's tokens, `<S>` ... `</S>`; the two markers are not counted)."""
+    """The tallies of a written image: its width and height, its captions' lengths in words and
+    their words' total (each caption's tokens, `<S>` ... `</S>`; the two markers are not counted)."""
     width, height = size
     tallies = collections.Counter({f"{split}/images/width/{width}": 1, f"{split}/images/height/{height}": 1})
-    tallies.update(f"{split}/captions/length/{len(tokens) - 2}" for tokens in captions)
+    lengths = [len(tokens) - 2 for tokens in captions]
+    tallies.update(f"{split}/captions/length/{length}" for length in lengths)
+    tallies[f"{split}/captions/words"] = sum(lengths)
     return dict(tallies)
+
+
+def caption_words(captions: Iterable[Sequence[str]]) -> collections.Counter:
+    """How often each word occurs in `captions` (each caption's tokens, `<S>` ... `</S>`; the two
+    markers are not counted): what a written image adds to word_frequencies.txt."""
+    return collections.Counter(word for tokens in captions for word in tokens[1:-1])
+
+
+def format_word_frequencies(counts: Iterable[tuple[str, int]]) -> str:
+    """word_frequencies.txt's text: one `word count` a line, by descending count, then by word."""
+    return "".join(f"{word} {count}\n" for word, count in sorted(counts, key=lambda item: (-item[1], item[0])))
+
+
+def parse_word_frequencies(text: str) -> dict[str, int]:
+    """word_frequencies.txt's words and counts (a word never holds a space; the count is last)."""
+    counts = {}
+    for line in text.splitlines():
+        if line.strip():
+            word, _, count = line.rpartition(" ")
+            counts[word] = int(count)
+    return counts
 
 
 def _min_median_max(counts: dict[str, int]) -> Optional[dict[str, int]]:
@@ -77,10 +110,13 @@ def build_report(
     min_word_count: int,
     vocabulary: Vocabulary,
     seconds: float,
+    word_frequencies: Mapping[str, int],
 ) -> dict:
     """The report from the pipeline's tallies, for the splits and shard counts of `shards`, e.g.
-    (("train", 256), ("val", 4), ("test", 8)); raises if any split's counts don't add up
-    (listed = written + skipped): a tally lost on the way would otherwise go unnoticed."""
+    (("train", 256), ("val", 4), ("test", 8)), and the train split's `word_frequencies` (those
+    of word_frequencies.txt); raises if any split's counts don't add up (listed = written +
+    skipped), or if the word frequencies' total is not the train captions' words: a tally lost on
+    the way would otherwise go unnoticed."""
     nested = _nest(tallies)
     splits = {}
     for split, num_shards in shards:
@@ -102,6 +138,7 @@ def build_report(
                 "written": written_records,
                 "skipped": captions.get("skipped", {}),
                 "lengths": dict(sorted(captions.get("length", {}).items(), key=lambda item: int(item[0]))),
+                "words": captions.get("words", 0),
             },
             "records_written": written_records,
         }
@@ -110,6 +147,10 @@ def build_report(
             if part["listed"] != part["written"] + sum(part["skipped"].values()):
                 raise RuntimeError(f"preprocess report does not add up for {split} {unit}: {part}")
         splits[split] = entry
+    counted = sum(word_frequencies.values())
+    train_words = splits.get(WORD_FREQUENCIES_SPLIT, {}).get("captions", {}).get("words", 0)
+    if counted != train_words:
+        raise RuntimeError(f"preprocess report: {counted} words in the word frequencies, {train_words} in the captions")
     return {
         "splits": splits,
         "vocabulary": {
@@ -117,6 +158,12 @@ def build_report(
             "unknown_id": vocabulary.unknown_id,
             "min_word_count": min_word_count,
             "id": vocabulary.id,
+        },
+        "word_frequencies": {
+            "file": WORD_FREQUENCIES_FILE,
+            "split": WORD_FREQUENCIES_SPLIT,
+            "words": counted,
+            "distinct": len(word_frequencies),
         },
         "annotations": nested.get("annotations", {}),
         "records_written": sum(s["records_written"] for s in splits.values()),
@@ -139,6 +186,12 @@ def summarize_report(report: dict) -> str:
     lines.append(
         f"  vocabulary: {vocab['words']} words seen >= {vocab['min_word_count']} times; <UNK> id {vocab['unknown_id']}"
     )
+    frequencies = report.get("word_frequencies")
+    if frequencies:
+        lines.append(
+            f"  {frequencies['split']} captions: {frequencies['words']} words, {frequencies['distinct']} distinct "
+            f"({frequencies['file']})"
+        )
     dropped = {k: v for k, v in report["annotations"].items() if v}
     if dropped:
         lines.append("  dropped before splitting: " + ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())))

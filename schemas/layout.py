@@ -8,10 +8,12 @@ Every stage that writes a file and every stage that reads it take its name from 
         data/                                 published whole by preprocess
             train-00000-of-00256 ...          im2txt's shards (schemas/records.py)
             word_counts.txt                   the vocabulary (schemas/vocabulary.py)
-            preprocess_report.json            counts per split, skips by reason (written last)
+            preprocess_report.json            counts per split, skips by reason, caption lengths (written last)
+            word_frequencies.txt              every word of the train split's written captions, with its count
             schema.pbtxt                      the records as a tensorflow-metadata schema
             transform_fn/, transformed_metadata/   tf.Transform's graph
         baseline.json                         the model promoted when the run began (or none): its baseline
+        data_checks.json                      this run's data statistics against the baseline model's training data
         train/warm_start/                     a warm start's initial weights, remapped to the data's
                                               vocabulary: model.weights.h5, word_counts.txt, state.json
         train/phaseN/                         one training phase (Ray Train's run folder)
@@ -37,6 +39,10 @@ from __future__ import annotations
 # --- preprocess: <run_root>/data/ -------------------------------------------------------------
 PREPROCESS_REPORT_FILE = "preprocess_report.json"  # what preprocess wrote and skipped; marks a complete data/
 RECORD_SCHEMA_FILE = "schema.pbtxt"  # the records' tensorflow-metadata schema
+# Every word of the train split's written captions (`<S>` and `</S>` left out) with its count, one
+# `word count` a line by descending count, as word_counts.txt but with no threshold: an
+# out-of-vocabulary rate under any vocabulary is computed from it.
+WORD_FREQUENCIES_FILE = "word_frequencies.txt"
 
 # --- training: <run_root>/train/phaseN/ ---------------------------------------------------------
 WEIGHTS_FILE = "model.weights.h5"  # Keras weights of the whole ShowAndTell model
@@ -63,6 +69,7 @@ EXPORT_DIR = "export"  # the SavedModel of the best checkpoint
 BEST_DIR = "best"  # best/final/: the best checkpoint published, when it is an intermediate one
 DECISION_FILE = "promote.json"  # this run's promotion decision
 BASELINE_FILE = "baseline.json"  # the model promoted when the run began, pinned for the whole run
+DATA_CHECKS_FILE = "data_checks.json"  # the check-data step's comparison with the baseline model's training data
 RUN_REPORT_FILE = "report.html"  # <run_root>/report.html: the whole run on one page (orchestration/run_report.py)
 MODELS_DIR = "models"  # promote.models_root when it is null
 

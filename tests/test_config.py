@@ -301,6 +301,37 @@ def test_promote_and_run_defaults_and_their_checks():
         build_config({"run_root": "r"}, ["run.lock_stale_seconds=0"])
 
 
+def test_data_checks_default_to_thresholds_that_stop_poisoned_data_and_null_turns_one_off():
+    checks = build_config({"run_root": "r"}).checks
+
+    assert (checks.max_skip_rate_increase, checks.max_caption_length_drift, checks.max_oov_rate_increase) == (
+        0.05,
+        0.2,
+        0.05,
+    )
+    assert (checks.min_records_ratio, checks.min_captions_compared) == (0.5, 100)
+    off = build_config({"run_root": "r", "checks": {"max_skip_rate_increase": None}}, ["checks.min_records_ratio=null"])
+    assert off.checks.max_skip_rate_increase is None and off.checks.min_records_ratio is None
+    assert build_config({"run_root": "r"}, ["checks.max_caption_length_drift=0"]).checks.max_caption_length_drift == 0
+
+
+@pytest.mark.parametrize(
+    "override, why",
+    [
+        ("checks.max_skip_rate_increase=-0.1", "greater than or equal to 0"),
+        ("checks.max_oov_rate_increase=1.5", "less than or equal to 1"),
+        ("checks.min_records_ratio=.inf", "finite number"),
+        ("checks.min_captions_compared=0", "greater than or equal to 1"),
+        ("checks.max_drift=0.1", "unknown key"),
+    ],
+)
+def test_a_bad_data_check_threshold_is_an_error_naming_its_key(override, why):
+    with pytest.raises(ConfigError) as raised:
+        build_config({"run_root": "r"}, [override])
+
+    assert f"{override.split('=')[0]}: " in str(raised.value) and why in str(raised.value)
+
+
 def test_shipped_nightly_config_fills_in_the_date_and_shares_mirror_and_models():
     config = load_dated_config(str(REPO / "configs" / "nightly.yaml"), date="2025-01-31")
 

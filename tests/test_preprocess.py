@@ -15,10 +15,12 @@ import pytest
 
 from orchestration.cli import main as cli_main
 from pipelines.captions import split_of_val_position, tokenize_caption
+from pipelines.data_checks import data_statistics
 from pipelines.preprocess import run_preprocess
+from pipelines.preprocess_report import parse_word_frequencies
 from schemas import progress, records
 from schemas.config import build_config
-from schemas.layout import PREPROCESS_REPORT_FILE, RECORD_SCHEMA_FILE
+from schemas.layout import PREPROCESS_REPORT_FILE, RECORD_SCHEMA_FILE, WORD_FREQUENCIES_FILE
 from schemas.tfrecord import read_records
 from schemas.vocabulary import WORD_COUNTS_FILE, parse_word_counts
 from tests.datasets import Layout, make_defective_dataset
@@ -215,6 +217,48 @@ def test_report_adds_up_and_is_on_disk(preprocessed):
         assert entry["records_written"] == len(written[split])
 
 
+def test_the_word_frequencies_count_every_word_of_the_written_train_captions(preprocessed):
+    report, data_dir, written = preprocessed
+    frequencies = parse_word_frequencies((data_dir / WORD_FREQUENCIES_FILE).read_text(encoding="utf-8"))
+    expected = collections.Counter(word for r in written["train"] for word in r["tokens"][1:-1])
+
+    assert frequencies == dict(expected)
+    lines = (data_dir / WORD_FREQUENCIES_FILE).read_text(encoding="utf-8").splitlines()
+    assert lines == [f"{w} {c}" for w, c in sorted(expected.items(), key=lambda item: (-item[1], item[0]))]
+    assert report["word_frequencies"] == {
+        "file": WORD_FREQUENCIES_FILE,
+        "split": "train",
+        "words": sum(expected.values()),
+        "distinct": len(expected),
+    }
+
+
+def test_each_splits_caption_lengths_and_words_are_those_of_its_written_records(preprocessed):
+    report, _, written = preprocessed
+    for split, entry in report["splits"].items():
+        lengths = collections.Counter(str(len(r["tokens"]) - 2) for r in written[split])
+        assert entry["captions"]["lengths"] == dict(lengths), split
+        assert entry["captions"]["words"] == sum(len(r["tokens"]) - 2 for r in written[split]), split
+
+
+def test_the_data_statistics_give_each_splits_skip_rates_by_reason_and_its_records(preprocessed, dataset):
+    report, data_dir, _ = preprocessed
+
+    statistics = data_statistics(str(data_dir))
+
+    train = statistics["splits"]["train"]
+    listed = report["splits"]["train"]["images"]["listed"]
+    skipped = collections.Counter(dataset.skipped.values())
+    assert train["skip_rates"] == {reason: count / listed for reason, count in skipped.items()}
+    assert train["skip_rates"]["corrupt_image"] == 1 / listed
+    assert {split: s["records"] for split, s in statistics["splits"].items()} == {
+        split: entry["records_written"] for split, entry in report["splits"].items()
+    }
+    assert statistics["words"] == report["word_frequencies"]["words"]
+    assert statistics["vocabulary_id"] == report["vocabulary"]["id"]
+    assert 0 <= statistics["oov_rate"] < 0.05
+
+
 def test_progress_counts_every_listed_image_as_the_worker_processes_check_it(preprocessed, display):
     report = preprocessed[0]
     listed = sum(entry["images"]["listed"] for entry in report["splits"].values())
@@ -227,7 +271,8 @@ def test_same_input_gives_byte_identical_outputs(preprocessed, dataset, tmp_path
     _, first_dir, _ = preprocessed
     run_preprocess(_config(dataset.root, tmp_path, dataset.max_image_pixels))
     second_dir = tmp_path / "data"
-    names = [WORD_COUNTS_FILE] + [n for split, count in SHARDS.items() for n in records.shard_names(split, count)]
+    names = [WORD_COUNTS_FILE, WORD_FREQUENCIES_FILE]
+    names += [n for split, count in SHARDS.items() for n in records.shard_names(split, count)]
     for name in names:
         assert (first_dir / name).read_bytes() == (second_dir / name).read_bytes(), name
 
