@@ -15,7 +15,8 @@ Every stage that writes a file and every stage that reads it take its name from 
         baseline.json                         the model promoted when the run began (or none): its baseline
         data_checks.json                      this run's data statistics against the baseline model's training data
         train/warm_start/                     a warm start's initial weights, remapped to the data's
-                                              vocabulary: model.weights.h5, word_counts.txt, state.json
+                                              vocabulary: model.weights.h5, config.yaml,
+                                              word_counts.txt, state.json (written last)
         train/phaseN/                         one training phase (Ray Train's run folder)
             checkpoint_000000200/             a checkpoint Ray keeps: model.weights.h5, optimizer.npz, state.json
             history.jsonl                     one line per report
