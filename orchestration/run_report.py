@@ -6,7 +6,11 @@
 It gathers what the steps already write, and reads nothing else:
 
 - Data: `data/preprocess_report.json`: records per split, skips by reason with the first skipped
-  files' names, the vocabulary's size, the captions' lengths, the images' sizes.
+  files' names, the vocabulary's size, the train captions' words, the captions' lengths, the
+  images' sizes.
+- Data checks: `data_checks.json`: each anomaly in words (the run stopped before training), or
+  that every check passed against the promoted model, or that there was none to compare with;
+  each check's value, the champion's, its threshold and its config key.
 - Training, per phase: `train/phaseN/history.jsonl` (loss, perplexity, learning rate and
   examples/s per report), `final/state.json`, and the manifest's record of the step: its wall
   time and the workers (`ray.num_workers` of its fingerprint). A resume is an attempt that went on
@@ -34,6 +38,7 @@ import yaml
 
 from orchestration.manifest import Manifest, relative
 from orchestration.steps import decision_file
+from pipelines.data_checks import CAPTION_LENGTHS, OOV_RATE, RECORDS, SKIP_RATE, data_checks_file
 from pipelines.eval_report import PAGE_CSS, PHASE_COLOURS, find_checkpoint, format_number, line_chart, metrics_table
 from schemas.config import Config, join_url
 from schemas.layout import (
@@ -202,6 +207,13 @@ def _data_section(config: Config, manifest: Manifest) -> str:
         f"training captions (&lt;UNK&gt; id {_e(vocab['unknown_id'])}). {_e(report['records_written'])} records "
         f"written in {_e(report['seconds'])} s.</p>"
     )
+    frequencies = report.get("word_frequencies")
+    if frequencies:
+        file = _link(join_url(config.data_dir, frequencies["file"]), config.run_root)
+        parts.append(
+            f'<p class="meta">{_e(frequencies["split"])} captions: {_e(frequencies["words"])} words, '
+            f'{_e(frequencies["distinct"])} distinct, each counted in {file}.</p>'
+        )
     lengths: dict[int, int] = {}
     for entry in splits.values():
         for length, count in entry["captions"].get("lengths", {}).items():
@@ -211,6 +223,75 @@ def _data_section(config: Config, manifest: Manifest) -> str:
         parts.append(f'<div class="charts">{chart}</div>')
     else:
         parts.append(_missing("Caption lengths were not recorded by this preprocess run."))
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data checks
+
+
+# What each kind of data check is called on the page.
+CHECK_NAMES = {
+    SKIP_RATE: "skipped images",
+    CAPTION_LENGTHS: "caption lengths",
+    OOV_RATE: "out-of-vocabulary words",
+    RECORDS: "records",
+}
+
+
+def _check_value(check: dict, value: Any) -> str:
+    """A check's value as people read it: records as a count, rates and shares in percent."""
+    if value is None:
+        return "-"
+    return str(value) if check["check"] == RECORDS else f"{value:.1%}"
+
+
+def _check_threshold(check: dict) -> str:
+    if check["check"] == RECORDS:
+        return f"{check['key']} {check['threshold']:g} (at least {check['threshold']:.0%} of the champion's)"
+    if check["check"] == CAPTION_LENGTHS:
+        return f"{check['key']} {check['threshold']:g} (distance {check['distance']:.2f})"
+    return f"{check['key']} {check['threshold']:g} (at most {check['threshold'] * 100:.1f} points more)"
+
+
+def _checks_section(config: Config, manifest: Manifest) -> str:
+    url = data_checks_file(config)
+    record = read_json(url)
+    if record is None:
+        return _missing(f"No data checks at {url}: the check-data step has not finished in this run root.")
+    baseline = record.get("baseline") or {}
+    if record.get("note"):
+        return f"<p>The data was not checked: {_e(record['note'])}.</p>"
+    checks, anomalies = record["checks"], record["anomalies"]
+    champion = f"the promoted model {baseline.get('id')} (trained on {baseline.get('run_root')})"
+    if anomalies:
+        items = "".join(f"<li>{_e(text)}</li>" for text in anomalies)
+        parts = [
+            f'<p class="error"><b>{len(anomalies)} anomal{"y" if len(anomalies) == 1 else "ies"} against '
+            f"{_e(champion)}: the run stopped before training.</b></p><ul>{items}</ul>"
+        ]
+    else:
+        parts = [f"<p><b>All {len(checks)} data checks passed</b> against {_e(champion)}.</p>"]
+    rows = []
+    for check in checks:
+        what = check.get("reason") if check["check"] == SKIP_RATE else check.get("length")
+        rows.append(
+            [
+                _e(CHECK_NAMES.get(check["check"], check["check"])),
+                _e(check["split"]),
+                _e("-" if what is None else what),
+                _e(_check_value(check, check["value"])),
+                _e(_check_value(check, check["champion_value"])),
+                _e(_check_threshold(check)),
+                "passed" if check["passed"] else '<b class="error">anomaly</b>',
+            ]
+        )
+    if rows:
+        header = ["check", "split", "reason or length", "this run", "champion's data", "threshold", "result"]
+        parts.append(_html_table(header, rows, {0: "text", 1: "text", 2: "text", 5: "text", 6: "text"}))
+    if record.get("not_compared"):
+        parts.append(f'<p class="meta">Not compared: {_e("; ".join(record["not_compared"]))}.</p>')
+    parts.append(f'<p class="meta">Every check and both sides\' statistics: {_link(url, config.run_root)}.</p>')
     return "\n".join(parts)
 
 
@@ -430,6 +511,7 @@ def _steps_section(config: Config, manifest: Manifest) -> str:
 
 SECTIONS: tuple[tuple[str, str, Callable[[Config, Manifest], str]], ...] = (
     ("data", "Data", _data_section),
+    ("checks", "Data checks", _checks_section),
     ("training", "Training", _training_section),
     ("evaluation", "Evaluation", _evaluation_section),
     ("promotion", "Promotion", _promotion_section),

@@ -5,9 +5,18 @@ attempt is cleared before a fresh one. `orchestration.run` fingerprints keys + i
     download      keys  data.source, data.mirror (and data.sample when the source is `sample`)
                   in    -
                   out   <mirror>/annotations/annotations_trainval2014.zip, zips/train2014.zip, zips/val2014.zip
+    baseline      keys  promote.models_root
+                  in    the three mirrored files
+                  out   <run_root>/baseline.json (the promoted model, pinned for the run); the run ends here,
+                        successfully, when the data is the one that model was trained on
     preprocess    keys  data.shards, data.min_word_count, data.max_image_pixels, data.shuffle_seed
                   in    the three mirrored files
-                  out   <run_root>/data/preprocess_report.json, data/word_counts.txt (data/ is published whole)
+                  out   <run_root>/data/preprocess_report.json, data/word_counts.txt, data/word_frequencies.txt
+                        (data/ is published whole)
+    check-data    keys  checks (pipelines/data_checks.py)
+                  in    data/preprocess_report.json, data/word_counts.txt, data/word_frequencies.txt, baseline.json
+                  out   <run_root>/data_checks.json; the step fails (exit 2) naming each anomaly, so
+                        nothing trains and nothing is promoted
     train-phase1  keys  train.phase1, TRAIN_KEYS (model, train.num_examples_per_epoch, train.mixed_precision,
                         train.shuffle_buffer, train.random_flip, train.seed, ray.num_workers: the global
                         batch), train.init_from; a change trains afresh, except more train.phase1.steps
@@ -28,7 +37,8 @@ attempt is cleared before a fresh one. `orchestration.run` fingerprints keys + i
                   out   <run_root>/export/showtell_export.json (written last), export/saved_model.pb
     promote       keys  promote.*
                   in    eval/best.json, eval/report.json, the export/ folder
-                  out   <run_root>/promote.json (the decision; the model goes to promote.models_root)
+                  out   <run_root>/promote.json (the decision; the model goes to promote.models_root, its
+                        model.json recording the data it was trained on and that data's statistics)
 
 Keys that change where or how a step runs, not what it produces, are left out on purpose, so
 changing them re-runs nothing: `beam.*` (runner, workers, options), `ray.address`, `ray.use_gpu`,
@@ -54,6 +64,7 @@ import tempfile
 from typing import Any, Callable, Optional
 
 from orchestration.promote import Candidate, Gate, promote
+from pipelines.data_checks import data_checks_file
 from pipelines.eval_report import find_checkpoint
 from schemas.config import MSCOCO_FILES, Config, join_url
 from schemas.errors import ShowtellError
@@ -69,6 +80,7 @@ from schemas.layout import (
     PREPROCESS_REPORT_FILE,
     SAVED_MODEL_FILE,
     STATE_FILE,
+    WORD_FREQUENCIES_FILE,
 )
 from schemas.models_root import models_root_of, read_baseline
 from schemas.storage import absolute, exists, read_json, remove, write_text
@@ -137,6 +149,11 @@ def data_files(config: Config) -> list[str]:
     return [join_url(config.data_dir, PREPROCESS_REPORT_FILE), join_url(config.data_dir, WORD_COUNTS_FILE)]
 
 
+def word_frequencies_file(config: Config) -> str:
+    """data/word_frequencies.txt: the train captions' words, for the data checks."""
+    return join_url(config.data_dir, WORD_FREQUENCIES_FILE)
+
+
 def final_state(config: Config, phase: int) -> str:
     """A phase's final/state.json: copied last, it marks a complete final/."""
     return join_url(config.train_dir, ckpt.phase_name(phase), FINAL_DIR, STATE_FILE)
@@ -176,6 +193,12 @@ def _preprocess(config: Config) -> dict[str, Any]:
 
     report = run_preprocess(config)
     return {"records_written": report["records_written"], "words": report["vocabulary"]["words"]}
+
+
+def _check_data(config: Config) -> dict[str, Any]:
+    from pipelines.data_checks import run_data_checks
+
+    return run_data_checks(config)
 
 
 def _train(phase: int, config: Config) -> dict[str, Any]:
@@ -276,11 +299,18 @@ def promote_run(config: Config, forced: Optional[str] = None) -> dict[str, Any]:
 
 def _trained_on(config: Config) -> dict[str, Any]:
     """The data the run's model was trained on, for its model.json: the fingerprint of the mirrored
-    files pinned with the baseline (computed now for a run that has none)."""
+    files pinned with the baseline (computed now for a run that has none), and the statistics a
+    later run's data checks compare with (`pipelines.data_checks.data_statistics`; null without
+    a preprocess report)."""
     from orchestration.baseline import data_fingerprint
+    from pipelines.data_checks import data_statistics
 
     pinned = read_baseline(config.run_root)
-    return {"mirror": absolute(config.data.mirror), **(pinned["data"] if pinned else data_fingerprint(config))}
+    return {
+        "mirror": absolute(config.data.mirror),
+        **(pinned["data"] if pinned else data_fingerprint(config)),
+        "statistics": data_statistics(config.data_dir),
+    }
 
 
 # --- the table ------------------------------------------------------------------------------------
@@ -340,8 +370,15 @@ STEPS: tuple[Step, ...] = (
         "preprocess",
         keys=_keys("data.shards", "data.min_word_count", "data.max_image_pixels", "data.shuffle_seed"),
         inputs=mirror_files,
-        outputs=data_files,
+        outputs=lambda c: [*data_files(c), word_frequencies_file(c)],
         work=_preprocess,
+    ),
+    Step(
+        "check-data",
+        keys=_keys("checks"),
+        inputs=lambda c: [*data_files(c), word_frequencies_file(c), join_url(c.run_root, BASELINE_FILE)],
+        outputs=lambda c: [data_checks_file(c)],
+        work=_check_data,
     ),
     _training_step(1),
     _training_step(2),

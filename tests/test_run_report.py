@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from orchestration.run_report import build_run_report
+from pipelines.data_checks import compare
 from pipelines.eval_report import PHASE_COLOURS
 from pipelines.preprocess import run_preprocess
 from schemas.config import build_config
@@ -29,7 +30,9 @@ from tests.run_table import REPO, config_file
 from tests.test_eval_report import Outline
 from tests.test_run_end_to_end import TINY, _finish, run_env
 
-STEPS = ("download", "baseline", "preprocess", "train-phase1", "train-phase2", "evaluate", "export", "promote")
+STEPS = (
+    "download", "baseline", "preprocess", "check-data", "train-phase1", "train-phase2", "evaluate", "export", "promote"
+)
 
 
 def section(page: str, anchor: str) -> str:
@@ -61,6 +64,7 @@ def test_a_run_root_where_nothing_ran_says_each_section_is_missing(tmp_path):
 
     text = " ".join("".join(outline(page).text).split())
     assert "No preprocess report at" in text
+    assert "No data checks at" in text
     assert "Phase 1: no training history at" in text and "Phase 2: no training history at" in text
     assert "No evaluation report at" in text
     assert "No promotion decision at" in text
@@ -74,6 +78,51 @@ def test_text_from_the_run_root_is_escaped(tmp_path):
 
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert not outline(page).all("script")
+
+
+def _statistics(train_skip_rates: dict, oov: float) -> dict:
+    """A run's data statistics, as pipelines.data_checks.summarize makes them."""
+    splits = {
+        split: {"images": images, "skip_rates": {}, "records": 5 * images, "caption_lengths": {"8": 5 * images}}
+        for split, images in (("train", 1000), ("val", 100), ("test", 200))
+    }
+    splits["train"]["skip_rates"] = train_skip_rates
+    return {"vocabulary_id": "0123456789abcdef", "splits": splits, "words": 40000, "oov_rate": oov}
+
+
+def test_the_data_checks_section_names_each_anomaly_and_shows_every_checks_values(tmp_path):
+    config = build_config({"run_root": str(tmp_path / "run")})
+    poisoned, champion = _statistics({"corrupt_image": 0.4}, 0.2), _statistics({}, 0.01)
+    checks, not_compared = compare(poisoned, champion, 0.2, config.checks)
+    anomalies = [check["text"] for check in checks if not check["passed"]]
+    record = {
+        "baseline": {"id": "3f2a9c81d0e4", "run_root": "/runs/night1"},
+        "note": None,
+        "checks": checks,
+        "not_compared": not_compared + ["checks.min_records_ratio is null: that check is off"],
+        "anomalies": anomalies,
+        "passed": False,
+    }
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "data_checks.json").write_text(json.dumps(record))
+
+    checks_html = section(build_run_report(config), "checks")
+
+    text = " ".join("".join(outline(checks_html).text).split())
+    assert "2 anomalies against the promoted model 3f2a9c81d0e4 (trained on /runs/night1)" in text
+    assert "the run stopped before training" in text
+    assert len(anomalies) == 2 and all(anomaly in text for anomaly in anomalies)
+    header, *rows = outline(checks_html).rows
+    assert header[:6] == ["check", "split", "reason or length", "this run", "champion's data", "threshold"]
+    assert len(rows) == len(checks)
+    corrupt = next(row for row in rows if row[:3] == ["skipped images", "train", "corrupt_image"])
+    assert corrupt[3:5] == ["40.0%", "0.0%"] and corrupt[6] == "anomaly"
+    assert "checks.max_skip_rate_increase 0.05" in corrupt[5]
+    oov = next(row for row in rows if row[0] == "out-of-vocabulary words")
+    assert oov[1:5] == ["train", "-", "20.0%", "1.0%"] and oov[6] == "anomaly"
+    records = next(row for row in rows if row[:2] == ["records", "val"])
+    assert records[3:5] == ["500", "500"] and records[6] == "passed"
+    assert "Not compared: checks.min_records_ratio is null: that check is off." in text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +181,11 @@ def test_the_data_section_shows_each_skip_reason_with_its_first_files(preprocess
         for name in report["splits"]["train"]["images"]["skipped_files"][reason]:
             assert name in row[4]
     words = report["vocabulary"]["words"]
-    assert f"Vocabulary: {words} words" in " ".join("".join(outline(data).text).split())
+    text = " ".join("".join(outline(data).text).split())
+    assert f"Vocabulary: {words} words" in text
+    frequencies = report["word_frequencies"]
+    assert f"train captions: {frequencies['words']} words, {frequencies['distinct']} distinct, each counted in" in text
+    assert "data/word_frequencies.txt" in [a["href"] for a in outline(data).all("a")]
     lengths = {length for entry in report["splits"].values() for length in entry["captions"]["lengths"]}
     assert chart(data, "caption lengths (all splits)").count('class="bar"') == len(lengths)
 
@@ -147,6 +200,7 @@ def test_a_run_stopped_after_preprocessing_reports_training_evaluation_and_promo
     assert "Phase 2: no training history" in section(page, "training")
     assert "No evaluation report at" in section(page, "evaluation")
     assert "No promotion decision at" in section(page, "promotion")
+    assert "No data checks at" in section(page, "checks")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +265,13 @@ def test_the_data_section_shows_the_records_of_each_split(tiny_run):
         size = entry["images"]["size"]["width"]
         assert row[7] == f"{size['min']} / {size['median']} / {size['max']}"
     assert "No image was skipped." in section(_page(tiny_run), "data")
+
+
+@pytest.mark.slow
+def test_the_data_checks_section_of_a_first_run_says_there_was_no_model_to_compare_with(tiny_run):
+    text = " ".join("".join(outline(section(_page(tiny_run), "checks")).text).split())
+
+    assert text == "Data checks The data was not checked: no promoted model to compare with."
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ def _affected(*overrides: str) -> set[str]:
         (["model.num_lstm_units=64"], {"train-phase1", "train-phase2"}),
         (["ray.num_workers=4"], {"train-phase1", "train-phase2"}),
         (["data.min_word_count=2"], {"preprocess"}),
+        (["checks.max_oov_rate_increase=0.1", "checks.min_records_ratio=null"], {"check-data"}),
         (["data.sample.train_images=5"], {"download"}),
         (["promote.tolerance=0.1"], {"promote"}),
         # where and how things run, not what they produce:
@@ -61,11 +62,18 @@ def test_a_real_source_makes_the_sample_settings_irrelevant():
 def test_every_real_step_is_in_order_and_names_its_keys_inputs_and_outputs():
     config = run_config(Path("/runs/x"))
     assert STEP_NAMES == (
-        "download", "baseline", "preprocess", "train-phase1", "train-phase2", "evaluate", "export", "promote"
+        "download", "baseline", "preprocess", "check-data", "train-phase1", "train-phase2", "evaluate", "export",
+        "promote",
     )
     for step in STEPS:
         config_values(config, step.keys(config))  # every key exists in the schema
         assert step.outputs(config) and all(url.startswith("/runs/x") for url in step.outputs(config))
+    checks = real_step("check-data")
+    assert "/runs/x/data/word_frequencies.txt" in real_step("preprocess").outputs(config)
+    assert {"/runs/x/data/preprocess_report.json", "/runs/x/data/word_frequencies.txt", "/runs/x/baseline.json"} <= set(
+        checks.inputs(config)
+    )
+    assert checks.outputs(config) == ["/runs/x/data_checks.json"]
     exported = ["/runs/x/export/showtell_export.json", "/runs/x/export/saved_model.pb"]
     assert real_step("export").outputs(config) == exported
     assert models_root_of(config) == "/runs/x/models"
