@@ -2,7 +2,9 @@
 
     statistics = data_statistics(config.data_dir)    # a run's data summed up (model.json keeps it)
     checks, not_compared = compare(statistics, champion, oov, config.checks)   # pure: statistics in, checks out
-    record = run_data_checks(config)                  # the check-data step: data_checks.json, or a ShowtellError
+    record = check_data(config)                       # this run against its baseline model: data_checks.json's record
+    summary = run_data_checks(config)                 # the check-data step: writes data_checks.json, then
+                                                      # raises a one-line DataAnomaliesError naming each anomaly
 
 As TFX's StatisticsGen + ExampleValidator, with statistics the preprocess pipeline computes
 (pipelines/preprocess.py: tensorflow-data-validation has no release that matches TF 2.21). The
