@@ -22,7 +22,8 @@ The gate, in order (the record's `reason` says which rule decided, in words):
   - below `min_value` (an absolute floor, as TFX's value threshold): held back;
   - no model promoted yet: promoted;
   - the current model is not the baseline this run scored (another run promoted one since), or
-    it could not be scored: held back, as nothing compares the two;
+    it could not be scored: held back, as nothing compares the two (a current model made by this
+    very run is compared by the metrics its own evaluation of this run's data gave it);
   - else promoted when new >= current - `tolerance` (TFX's change threshold), both as measured on
     this run's data.
 
@@ -151,6 +152,10 @@ def _judge(
         above = f", and {metric} {new_value:.4f} >= promote.min_value {floor:g}" if floor is not None else ""
         return PROMOTED, None, floor, "the first model" + above
     current_id, baseline = current["promotion"]["id"], candidate.baseline or {}
+    if baseline.get("id") != current_id and current["run_root"] == candidate.run_root:
+        # The current model is this run's own earlier export (e.g. before eval settings changed):
+        # its metric was measured on this same run's data.
+        baseline = {"id": current_id, "status": "ok", "metrics": current["metrics"]}
     if baseline.get("id") != current_id:
         scored = f"it scored {baseline['id']}" if baseline.get("id") else "it scored no current model"
         return HELD_BACK, None, None, (

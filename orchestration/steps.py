@@ -43,7 +43,7 @@ attempt is cleared before a fresh one. `orchestration.run` fingerprints keys + i
 Keys that change where or how a step runs, not what it produces, are left out on purpose, so
 changing them re-runs nothing: `beam.*` (runner, workers, options), `ray.address`, `ray.use_gpu`,
 `ray.resources_per_worker`, `ray.max_failures`, `ray.min_workers`, `ray.startup_timeout_s`,
-`ray.shared_filesystem`, `train.xla`, `train.shard_cache`, `train.max_minutes` (a phase it
+`ray.shared_filesystem`, `train.xla`, `train.shard_cache`, `train.max_minutes` (a fine-tune it
 stopped early says so in its state.json and the step's summary), `storage.*` (endpoints, timeouts),
 `data.download.*` (retries, timeouts),
 `data.checksums` (verification only: the mirrored bytes are the same or the download fails),

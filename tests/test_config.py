@@ -340,7 +340,11 @@ def test_shipped_nightly_config_fills_in_the_date_and_shares_mirror_and_models()
     assert config.data.source.startswith("gs://") and config.data.mirror == "gs://YOUR-BUCKET/showtell/mirror"
     assert config.promote.models_root == "gs://YOUR-BUCKET/showtell/models"
     mscoco = load_config(REPO / "configs" / "mscoco.yaml")
-    assert config.model == mscoco.model and config.train == mscoco.train
+    # The first night trains as configs/mscoco.yaml; later ones fine-tune the promoted model within a budget.
+    assert config.model == mscoco.model and config.train.phase1 == mscoco.train.phase1
+    phase2, mscoco_phase2 = (c.train.phase2.model_dump(exclude={"checkpoint_every"}) for c in (config, mscoco))
+    assert phase2 == mscoco_phase2
+    assert (config.train.init_from, config.train.warm_start_steps, config.train.max_minutes) == ("promoted", 20000, 480)
     today = load_dated_config(str(REPO / "configs" / "nightly.yaml")).run_root
     assert re.fullmatch(r"gs://YOUR-BUCKET/showtell/runs/\d{4}-\d{2}-\d{2}", today)
 

@@ -24,7 +24,7 @@ from tests.s3_server import s3_fixture
 from tests.test_run_end_to_end import TINY
 
 BUCKET = "showtell-fingerprints"
-DONE_STEPS = ("download", "preprocess")  # what `--until preprocess` ran
+DONE_STEPS = ("download", "baseline", "preprocess")  # what `--until preprocess` ran
 
 s3 = s3_fixture(BUCKET)  # a moto S3 server on 127.0.0.1 with BUCKET; an s3fs file system on it
 

@@ -171,6 +171,17 @@ def test_a_current_model_promoted_after_the_run_scored_its_baseline_holds_the_ne
     assert _model_in(Path(models) / CURRENT_DIR) == "night2a"
 
 
+def test_a_current_model_from_the_same_run_is_compared_by_the_metrics_that_runs_evaluation_gave_it(tmp_path):
+    models = str(tmp_path / "models")
+    promote(_export(tmp_path, "night1", 0.50), models, CIDER)
+    again = _export(tmp_path, "night1-again", 0.45)  # the same run evaluated again, e.g. with another beam size
+    again = Candidate(**{**again.__dict__, "run_root": str(tmp_path / "runs" / "night1")})
+
+    record = promote(again, models, CIDER)
+
+    assert record["decision"] == HELD_BACK and record["current_value"] == 0.50
+
+
 def test_a_current_model_that_could_not_be_scored_on_the_data_holds_the_new_one_back(tmp_path):
     models = str(tmp_path / "models")
     first = promote(_export(tmp_path, "night1", 0.50), models, CIDER)
