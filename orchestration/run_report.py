@@ -50,8 +50,10 @@ from schemas.layout import (
     LOGS_DIR,
     PREPROCESS_REPORT_FILE,
     RUN_REPORT_FILE,
+    STATE_FILE,
 )
 from schemas.storage import exists, read_json, read_text, write_text
+from trainer.warm_start import init_source, training_config, warm_start_dir
 
 # The charts drawn per training phase: (history column, chart title).
 TRAINING_CHARTS = (
@@ -333,13 +335,23 @@ def _resumes(history: Sequence[dict]) -> list[int]:
 
 def _training_section(config: Config, manifest: Manifest) -> str:
     histories = {phase: _read_history(join_url(_phase_dir(config, phase), HISTORY_FILE)) for phase in PHASES}
-    # Phase 2 counts its steps on from phase 1's last, as the evaluation's charts do.
-    offsets = {1: 0, 2: histories[1][-1]["step"] if histories[1] else config.train.phase1.steps}
+    warm = read_json(join_url(warm_start_dir(config), STATE_FILE)) if init_source(config) is not None else None
+    # Phase 2 counts its steps on from phase 1's last, as the evaluation's charts do (from 0 after a warm start).
+    offsets = {1: 0, 2: 0 if warm else histories[1][-1]["step"] if histories[1] else config.train.phase1.steps}
     rows, missing = [], []
     for phase in PHASES:
         history = histories[phase]
         record = manifest.step(f"train-phase{phase}")
         history_url = join_url(_phase_dir(config, phase), HISTORY_FILE)
+        if phase == 1 and warm is not None:
+            remap = warm["remap"]
+            missing.append(
+                f"<p>Phase 1: none. A warm start from {_e(warm['init_from'])} (vocabulary "
+                f"{_e(warm['init_vocabulary_id'])} remapped to the data's {_e(warm['vocabulary_id'])}: "
+                f"{_e(remap['kept'])} words kept, {_e(remap['added'])} added, {_e(remap['dropped'])} dropped); "
+                "phase 2 fine-tunes it.</p>"
+            )
+            continue
         if not history:
             missing.append(
                 _missing(f"Phase {phase}: no training history at {history_url}: this phase has not trained here yet.")
@@ -353,7 +365,7 @@ def _training_section(config: Config, manifest: Manifest) -> str:
         rows.append(
             [
                 _e(phase),
-                _e(f"{last['step']} of {config.train.phase(phase).steps}"),
+                _e(f"{last['step']} of {training_config(config, phase).train.phase(phase).steps}"),
                 _e(len(history)),
                 _e(_duration((record or {}).get("seconds"))),
                 _e(_duration(span)),

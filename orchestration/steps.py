@@ -30,7 +30,8 @@ attempt is cleared before a fresh one. `orchestration.run` fingerprints keys + i
                   in    the same, and phase 1's state.json (final/ or warm_start/: it holds the weights' fingerprint)
                   out   <run_root>/train/phase2/final/state.json
     evaluate      keys  eval.* but eval.batch_size
-                  in    train/phase{1,2}/final/state.json, data/preprocess_report.json
+                  in    train/phase{1,2}/final/state.json, data/preprocess_report.json, baseline.json
+                        (the pinned baseline model is scored on the same images, for the gate)
                   out   <run_root>/eval/report.json, eval/best.json
     export        keys  -
                   in    eval/best.json
@@ -385,7 +386,13 @@ STEPS: tuple[Step, ...] = (
     Step(
         "evaluate",
         keys=_keys(*EVAL_KEYS),
-        inputs=lambda c: [final_state(c, 1), final_state(c, 2), join_url(c.data_dir, PREPROCESS_REPORT_FILE)],
+        # phase 1's final/ is absent after a warm start (signed missing); baseline.json: the model scored beside
+        inputs=lambda c: [
+            final_state(c, 1),
+            final_state(c, 2),
+            join_url(c.data_dir, PREPROCESS_REPORT_FILE),
+            join_url(c.run_root, BASELINE_FILE),
+        ],
         outputs=lambda c: [join_url(c.eval_dir, EVAL_REPORT_FILE), join_url(c.eval_dir, BEST_FILE)],
         work=_evaluate,
     ),

@@ -39,7 +39,7 @@ from schemas.layout import FINAL_DIR, HISTORY_FILE, PREPROCESS_REPORT_FILE, STAT
 from schemas.vocabulary import WORD_COUNTS_FILE, parse_word_counts
 from trainer import checkpoints as ckpt
 from trainer.train_loop import MAX_MINUTES, TrainJob, train_loop_per_worker
-from trainer.warm_start import init_source, prepare_warm_start, recorded_fingerprint, warm_start_dir
+from trainer.warm_start import init_source, prepare_warm_start, recorded_fingerprint, training_config, warm_start_dir
 
 log = logging.getLogger("showtell.train")
 
@@ -135,15 +135,6 @@ def _phase2_start(config: Config, vocabulary_id: str) -> tuple[str, str]:
             f"({vocabulary_id}; was the data preprocessed again?): run `showtell train --phase 1` again{does}"
         )
     return start, state["fingerprint"]
-
-
-def training_config(config: Config, phase: int) -> Config:
-    """The config phase `phase` trains with: a warm-started phase 2 (`train.init_from`) trains
-    `train.warm_start_steps` steps instead of `train.phase2.steps`."""
-    if phase != 2 or init_source(config) is None:
-        return config
-    phase2 = config.train.phase2.model_copy(update={"steps": config.train.warm_start_steps})
-    return config.model_copy(update={"train": config.train.model_copy(update={"phase2": phase2})})
 
 
 def run_phase(config: Config, phase: int) -> dict:

@@ -87,6 +87,15 @@ def init_source(config: Config) -> Optional[str]:
     return absolute(value)
 
 
+def training_config(config: Config, phase: int) -> Config:
+    """The config phase `phase` trains with: a warm-started phase 2 (`train.init_from`) trains
+    `train.warm_start_steps` steps instead of `train.phase2.steps`."""
+    if phase != 2 or init_source(config) is None:
+        return config
+    phase2 = config.train.phase2.model_copy(update={"steps": config.train.warm_start_steps})
+    return config.model_copy(update={"train": config.train.model_copy(update={"phase2": phase2})})
+
+
 # --- the initial model ------------------------------------------------------------------------
 
 
