@@ -39,6 +39,7 @@ def test_evaluation_of_a_run_root_on_s3_reads_the_split_there_and_scores_as_a_lo
     s3_report = run_evaluate(on_s3)
 
     assert _scores(s3_report) == _scores(local_report)
-    assert [c["status"] for c in s3_report["checkpoints"]] == ["ok", "ok", "failed"]
+    statuses = [c["status"] for c in s3_report["checkpoints"]]
+    assert statuses == [c["status"] for c in local_report["checkpoints"]] and statuses.count("ok") == 2
     s3.invalidate_cache()
     assert json.loads(s3.cat_file(f"{BUCKET}/run/eval/report.json"))["checkpoints"] == s3_report["checkpoints"]

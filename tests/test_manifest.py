@@ -23,7 +23,8 @@ def _config(*overrides: str):
 def test_config_values_reads_leaves_and_whole_sections_by_dotted_key():
     values = mf.config_values(_config("train.phase2.steps=7"), ["train.phase2.steps", "promote"])
 
-    assert values == {"train.phase2.steps": 7, "promote": {"models_root": None, "metric": "CIDEr", "tolerance": 0.0}}
+    promote = {"models_root": None, "metric": "CIDEr", "tolerance": 0.0, "min_value": None}
+    assert values == {"train.phase2.steps": 7, "promote": promote}
 
 
 def test_config_values_rejects_a_key_the_schema_lacks():

@@ -26,7 +26,7 @@ from orchestration.cli import main as cli_main
 from pipelines import zips
 from schemas import records
 from schemas.config import MSCOCO_FILES
-from schemas.layout import PREPROCESS_REPORT_FILE, RECORD_SCHEMA_FILE
+from schemas.layout import PREPROCESS_REPORT_FILE, RECORD_SCHEMA_FILE, WORD_FREQUENCIES_FILE
 from schemas.storage import copy_dir, exists, read_text
 from schemas.tfrecord import read_records
 from schemas.vocabulary import WORD_COUNTS_FILE, parse_word_counts
@@ -93,6 +93,7 @@ def test_run_root_holds_the_mirror_and_the_published_data_and_nothing_else(s3, p
     assert shards | transform | {WORD_COUNTS_FILE, RECORD_SCHEMA_FILE, PREPROCESS_REPORT_FILE} <= data
     assert {path for path in data if "/" not in path} == shards | {
         WORD_COUNTS_FILE,
+        WORD_FREQUENCIES_FILE,
         RECORD_SCHEMA_FILE,
         PREPROCESS_REPORT_FILE,
     }
