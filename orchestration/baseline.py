@@ -26,9 +26,9 @@ from typing import Any, Optional
 from orchestration.manifest import Places, Signer, now_iso
 from orchestration.promote import append_decision
 from schemas.config import MSCOCO_FILES, Config, join_url
-from schemas.layout import BASELINE_FILE, CURRENT_DIR, MODEL_FILE
-from schemas.models_root import baseline_location, model_id, models_root_of, read_baseline
-from schemas.storage import absolute, read_json, write_text
+from schemas.layout import BASELINE_FILE
+from schemas.models_root import baseline_location, current_model, model_id, models_root_of, read_baseline
+from schemas.storage import absolute, write_text
 
 log = logging.getLogger("showtell.run")
 
@@ -48,7 +48,7 @@ def pin_baseline(config: Config) -> dict[str, Any]:
     """Writes `<run_root>/baseline.json`: the model promoted now and the run's data fingerprint;
     returns a summary for the step's record."""
     models_root = models_root_of(config)
-    model = read_json(join_url(models_root, CURRENT_DIR, MODEL_FILE))
+    model = current_model(models_root)
     record = {"models_root": models_root, "pinned": now_iso(), "model": model, "data": data_fingerprint(config)}
     write_text(join_url(config.run_root, BASELINE_FILE), json.dumps(record, indent=1) + "\n")
     if model is None:

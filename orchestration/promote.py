@@ -55,6 +55,7 @@ from orchestration.manifest import signature
 from schemas.config import join_url
 from schemas.errors import ShowtellError
 from schemas.layout import CURRENT_DIR, EXPORT_METADATA_FILE, HISTORY_FILE, MODEL_FILE, PREVIOUS_DIR
+from schemas.models_root import current_model
 from schemas.storage import copy_dir, exists, publish_dir, read_json, read_text, write_text
 
 log = logging.getLogger("showtell.promote")
@@ -83,11 +84,6 @@ class Candidate:
     # or "failed", "metrics": {...}, "error": ...}; None when none was scored (none was promoted).
     baseline: Optional[dict[str, Any]] = None
     measured_on: Optional[dict[str, Any]] = None  # where both were scored: run_root, split, images, data
-
-
-def current_model(models_root: str) -> Optional[dict[str, Any]]:
-    """model.json of `<models_root>/current/`, or None when no model was promoted yet."""
-    return read_json(join_url(models_root, CURRENT_DIR, MODEL_FILE))
 
 
 def read_history(models_root: str) -> list[dict[str, Any]]:

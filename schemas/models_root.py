@@ -34,13 +34,17 @@ def model_id(model: dict[str, Any]) -> str:
     return model["promotion"]["id"]
 
 
+def current_model(models_root: str) -> Optional[dict[str, Any]]:
+    """model.json of `<models_root>/current/`, or None when no model was promoted yet."""
+    return read_json(join_url(models_root, CURRENT_DIR, MODEL_FILE))
+
+
 def find_model(models_root: str, promotion_id: str) -> Optional[str]:
     """The folder of the model promoted by decision `promotion_id`: current/, or its previous/
     folder once another model displaced it; None when it is in neither."""
-    current = join_url(models_root, CURRENT_DIR)
-    model = read_json(join_url(current, MODEL_FILE))
+    model = current_model(models_root)
     if model is not None and model_id(model) == promotion_id:
-        return current
+        return join_url(models_root, CURRENT_DIR)
     fs, path = fsspec.core.url_to_fs(join_url(models_root, PREVIOUS_DIR))
     if not fs.isdir(path):
         return None
