@@ -1,4 +1,6 @@
-"""Caption throughput: batched `inference.beam_search` against im2txt's one-image-at-a-time design.
+"""Caption throughput: batched `inference.beam_search` against im2txt's one-image-at-a-time design,
+and an export's `caption` signature (the search in one graph call) against the Python beam search
+over the same export's `initial_state` and `step` signatures.
 
     .venv/bin/python benchmarks/caption_bench.py      # the demo's model (configs/local.yaml), random weights and pixels
     .venv/bin/python benchmarks/caption_bench.py --checkpoint runs/local/train/phase2/final \\
@@ -16,10 +18,18 @@ search designs, not tracing. The runs alternate within each repeat; medians are 
 captions/s (images captioned a second, each with its beam_size best captions). One untimed
 warm-up run of each also checks that they agree, caption for caption. Goal: >= 10x im2txt's
 design at batch 64 on CPU. Figures only; only a disagreement fails.
+
+Then the model is exported (`showtell export`, into a temporary folder) and the same images, as
+JPEG bytes, are captioned at each of --export-batch-sizes (default 1 and 64) by:
+- the `caption` signature: one call per batch (what TF Serving, caption-batch and serve run);
+- `beam_search` over the export's signatures: `initial_state`, then `step` once per decoding step
+  from Python (what a client without the caption signature must do).
+Both decode and preprocess in the graph; an untimed first run checks that they give the same words.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import statistics
@@ -94,6 +104,13 @@ def load_images(source: str | None, count: int, image_size: int) -> tuple[tf.Ten
         return pixels, "random pixels"
     from trainer.inputs import preprocess_image
 
+    jpegs = read_jpegs(source, count)
+    images = [preprocess_image(tf.constant(jpeg), image_size, training=False) for jpeg in jpegs]
+    return tf.stack([images[i % len(images)] for i in range(count)]), f"{len(jpegs)} JPEGs from {source}"
+
+
+def read_jpegs(source: str, count: int) -> list[bytes]:
+    """The first `count` .jpg files of a folder or zip, by name; exits naming `source` when it has none."""
     if zipfile.is_zipfile(source):
         with zipfile.ZipFile(source) as archive:
             names = sorted(name for name in archive.namelist() if name.lower().endswith((".jpg", ".jpeg")))
@@ -103,8 +120,7 @@ def load_images(source: str | None, count: int, image_size: int) -> tuple[tf.Ten
         jpegs = [p.read_bytes() for p in paths[:count]]
     if not jpegs:
         sys.exit(f"--images {source}: no .jpg files found")
-    images = [preprocess_image(tf.constant(jpeg), image_size, training=False) for jpeg in jpegs]
-    return tf.stack([images[i % len(images)] for i in range(count)]), f"{len(jpegs)} JPEGs from {source}"
+    return jpegs
 
 
 def agreement(ours: list[Caption], theirs: list[Caption]) -> str:
@@ -143,9 +159,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each (medians)")
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--max-caption-length", type=int, default=20)
+    parser.add_argument(
+        "--export-batch-sizes", type=int, nargs="+", default=[1, 64], help="batch sizes of the export comparison"
+    )
     args = parser.parse_args(argv)
-    if min(args.batch_sizes) < 1 or args.repeat < 1:
-        parser.error("--batch-sizes and --repeat must be >= 1")
+    if min(args.batch_sizes + args.export_batch_sizes) < 1 or args.repeat < 1:
+        parser.error("--batch-sizes, --export-batch-sizes and --repeat must be >= 1")
     return args
 
 
@@ -219,7 +238,85 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"beam_search at batch {largest}: {baseline / seconds[f'beam_search, batch {largest}']:.1f}x "
         f"im2txt's design (goal >= 10x at batch 64)"
     )
+    compare_export(model, words, args)
     return 0
+
+
+def export_model(model, words: Sequence[str] | None, folder: Path, search) -> str:
+    """`model` published as a final/ (as training publishes one) and exported; the export's folder."""
+    from inference.export import export_saved_model
+    from schemas.config import join_url
+    from trainer import checkpoints as ckpt
+
+    if words is None:  # a random model: <S> and </S> on lines 1 and 2, as RANDOM_START_ID/END_ID say
+        words = ["a", "<S>", "</S>", *(f"word{i}" for i in range(3, RANDOM_VOCAB_SIZE - 1))]
+    word_counts = folder / "word_counts.txt"
+    word_counts.write_text("".join(f"{word} {1000 - i}\n" for i, word in enumerate(words)), encoding="utf-8")
+    checkpoint = folder / "checkpoint"
+    checkpoint.mkdir()
+    state = {"phase": 2, "step": 0, "fingerprint": ckpt.weights_fingerprint(model)}
+    ckpt.save_checkpoint(str(checkpoint), model, keras.optimizers.SGD(), state)
+    config = {"run_root": str(folder), "model": model.model_cfg.model_dump(mode="json")}
+    final = ckpt.publish_final(str(checkpoint), join_url(str(folder), "phase2"), config, str(word_counts))
+    return export_saved_model(final, str(folder / "export"), search)
+
+
+def jpegs(images: tf.Tensor) -> list[bytes]:
+    """Pixels in [-1, 1] -> JPEG bytes (quality 95), for signatures that take encoded images."""
+    pixels = tf.cast(tf.round((images + 1.0) * 127.5), tf.uint8)
+    return [tf.io.encode_jpeg(image, quality=95).numpy() for image in pixels]
+
+
+def compare_export(model, words: Sequence[str] | None, args: argparse.Namespace) -> None:
+    """The export's caption signature against beam_search over its step signature, side by side."""
+    import tempfile
+
+    from inference.caption_signature import Search
+    from inference.captioner import load_captioner
+
+    count = max(args.export_batch_sizes)
+    with tempfile.TemporaryDirectory(prefix="caption-bench-") as scratch:
+        search = Search(args.beam_size, args.max_caption_length, 0.0)
+        captioner = load_captioner(export_model(model, words, Path(scratch), search))
+    images, _ = load_images(args.images, count, model.model_cfg.image_size)
+    encoded = jpegs(images)
+    options = dict(start_id=captioner.start_id, end_id=captioner.end_id, **dataclasses.asdict(search))
+
+    def signature(batch_size: int) -> Callable[[], list[list[tuple[str, float]]]]:
+        return lambda: [
+            captions
+            for start in range(0, count, batch_size)
+            for captions in captioner.graph_search.caption(tf.constant(encoded[start : start + batch_size]))
+        ]
+
+    def over_step(batch_size: int) -> Callable[[], list[list[tuple[str, float]]]]:
+        return lambda: [
+            [(captioner.sentence(c.word_ids), c.prob) for c in captions]
+            for start in range(0, count, batch_size)
+            for captions in beam_search(captioner, tf.constant(encoded[start : start + batch_size]), **options)
+        ]
+
+    runs: dict[str, Callable[[], object]] = {}
+    for batch_size in args.export_batch_sizes:
+        runs[f"beam_search over step, batch {batch_size}"] = over_step(batch_size)
+        runs[f"caption signature, batch {batch_size}"] = signature(batch_size)
+    reference = over_step(count)()
+    for name, run in runs.items():
+        for image, (ours, theirs) in enumerate(zip(run(), reference)):
+            same_words = [s for s, _ in ours] == [s for s, _ in theirs]
+            if not same_words or not all(math.isclose(a, b, **TOLERANCE) for (_, a), (_, b) in zip(ours, theirs)):
+                sys.exit(f"{name} disagrees with beam_search over step on image {image}:\n  {ours}\n  {theirs}")
+    print()
+    print(
+        f"export: {count} images as JPEG bytes; the caption signature and beam_search over the export's "
+        f"step signature agree on every caption (the same words, p within {TOLERANCE['rel_tol']:g})"
+    )
+    seconds = median_seconds(runs, args.repeat)
+    print(f"{'':44s} {'seconds':>8s} {'captions/s':>11s} {'vs step':>10s}")
+    for batch_size in args.export_batch_sizes:
+        python = seconds[f"beam_search over step, batch {batch_size}"]
+        for name in (f"beam_search over step, batch {batch_size}", f"caption signature, batch {batch_size}"):
+            print(f"{name:44s} {seconds[name]:8.3f} {count / seconds[name]:11.1f} {python / seconds[name]:9.1f}x")
 
 
 if __name__ == "__main__":

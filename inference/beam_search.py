@@ -32,6 +32,12 @@ Worked example of the shapes, N = 2 images, beam_size k = 3, vocabulary V = 5, s
       other candidates -> top_k(3)                      # the new live captions [2, 3], their parents [2, 3]
       state rows gathered from parent + image * k       # h, c: [6, units]; words [6] = the new words
 
+One search, two ways to run it: `search_beams` is a tf.while_loop over decoding steps. Called
+eagerly (`beam_search`, over any StepModel: a checkpoint's model, an export's `step` signature,
+a test's fake), the loop is Python and each step is one model call from Python. Traced in a
+tf.function (inference/caption_signature.py), the whole search is one graph: the SavedModel's
+`caption` signature returns captions in one call, with no Python on the client.
+
 Slots without a caption (a -inf log-probability: the first step's copies, an image that ran out
 of candidates or is done) still go through the model; their candidates keep -inf and so never
 become captions. The bookkeeping after each model step is one compiled tf.function (`_advance`),
@@ -48,7 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import numpy as np
 import tensorflow as tf
@@ -106,7 +112,8 @@ def beam_search(
     ones score their log_prob. With 0.0 every score is the log-probability.
 
     `model.step` is called once per decoding step, on N * beam_size rows (N = the leading
-    dimension of `model.initial_state(inputs)`), at most max_caption_length + 1 times.
+    dimension of `model.initial_state(inputs)`), at most max_caption_length + 1 times: this is
+    `search_beams` run eagerly, its loop a Python loop around the model's calls.
 
     The three settings are the user's and are taken as checked where they entered (the `eval`
     config section, or the `showtell caption` flags that mirror it): beam_size and
@@ -114,18 +121,61 @@ def beam_search(
     here are programming errors, as ValueError (schemas/errors.py): start/end ids outside the
     logits (or equal), a state whose tensors disagree on N, or logits of the wrong shape.
     """
-    _check_word_ids(start_id, end_id)
-    vocab_size = getattr(model, "vocab_size", None)
-    if isinstance(vocab_size, int):
-        _check_ids(start_id, end_id, vocab_size)
+    check_word_ids(start_id, end_id, getattr(model, "vocab_size", None))
     state = model.initial_state(inputs)
     num_images = _num_images(state)
     if num_images == 0:
         return []
+    rows = num_images * beam_size
 
-    k, max_words, rows = beam_size, max_caption_length, num_images * beam_size
+    def checked_step(words: tf.Tensor, state: State) -> tuple[tf.Tensor, State]:
+        logits, state = model.step(words, state)
+        return _checked_logits(logits, rows, start_id, end_id), state
+
+    best = search_beams(
+        checked_step,
+        state,
+        start_id=start_id,
+        end_id=end_id,
+        beam_size=beam_size,
+        max_caption_length=max_caption_length,
+        length_normalization=length_normalization,
+    )
+    return _captions(tf.nest.map_structure(np.asarray, best))
+
+
+class BestCaptions(NamedTuple):
+    """The result of `search_beams`: per image, its finished captions, best first, or, when it
+    has none, its best unfinished ones. Slot j of image i holds no caption when log_probs[i, j]
+    is -inf (its length is then 0). Shapes for N images, beam_size k, max_caption_length L:"""
+
+    word_ids: tf.Tensor  # int32 [N, k, L]: the first `lengths` columns are the caption's words
+    lengths: tf.Tensor  # int32 [N, k]
+    log_probs: tf.Tensor  # float32 [N, k]: as Caption.log_prob
+    scores: tf.Tensor  # float32 [N, k]: as Caption.score, what the slots are ranked by
+    finished: tf.Tensor  # bool [N]: the image's captions ended with </S> (else: the fallback)
+
+
+def search_beams(
+    step: Callable[[tf.Tensor, State], tuple[tf.Tensor, State]],
+    state: State,
+    *,
+    start_id: int,
+    end_id: int,
+    beam_size: int,
+    max_caption_length: int,
+    length_normalization: float,
+) -> BestCaptions:
+    """The search itself, from the initial state of N images (every tensor [N, ...]):
+    `step(words int32 [N * k], state) -> (logits [N * k, V], state)` is called once per decoding
+    step. Run eagerly, its loop is a Python loop (`beam_search`); traced in a tf.function, it is
+    a tf.while_loop with N free, so one call of the function returns the captions (the
+    SavedModel's `caption` signature, inference/caption_signature.py). Settings as beam_search's.
+    """
+    k, max_words = beam_size, max_caption_length
+    num_images = tf.shape(tf.nest.flatten(state)[0])[0]
+    rows = num_images * k
     state = tf.nest.map_structure(lambda tensor: tf.repeat(tensor, k, axis=0), state)
-    words = tf.fill([rows], tf.constant(start_id, tf.int32))
     no_words = tf.zeros([num_images, k, max_words], tf.int32)
     no_captions = tf.fill([num_images, k], NO_CAPTION)
     beams = _Beams(
@@ -141,20 +191,48 @@ def beam_search(
         length_normalization=tf.constant(length_normalization, tf.float32),
         live_bound_divisor=tf.constant((max_words + 2) ** length_normalization, tf.float32),
     )
-    length = 0  # words in every live caption so far
-    while True:
-        logits, state = model.step(words, state)
-        grow = length < max_words  # else the step that can only finish captions
-        logits = _checked_logits(logits, rows, start_id, end_id)
-        beams, words, state, all_done = _advance(beams, logits, state, tf.constant(length), settings, grow)
-        if not grow:
-            break
-        length += 1
-        if bool(all_done):
-            break
 
-    arrays = tf.nest.map_structure(np.asarray, beams)
-    return [_image_captions(arrays, image, length) for image in range(num_images)]
+    def grow(length, beams, words, state, all_done):  # one more word on every live caption
+        logits, state = step(words, state)
+        beams, words, state, all_done = _advance(beams, logits, state, length, settings, True)
+        return length + 1, beams, words, state, all_done
+
+    def finish():  # after max_caption_length words, the step that may only add </S>
+        logits, _ = step(words, state)
+        return _advance(beams, logits, state, length, settings, False)[0]
+
+    start = (tf.constant(0), beams, tf.fill([rows], tf.constant(start_id, tf.int32)), state, tf.constant(False))
+    length, beams, words, state, all_done = tf.while_loop(
+        lambda *loop: tf.logical_not(loop[-1]), grow, start, maximum_iterations=max_words
+    )
+    beams = tf.cond(all_done, lambda: beams, finish)
+
+    # Per image: the finished captions if it has any, else the live ones (`length` words each).
+    finished = tf.reduce_any(tf.math.is_finite(beams.finished_scores), axis=1)
+    live_lengths = tf.where(tf.math.is_finite(beams.live_log_probs), length, 0)
+    return BestCaptions(
+        word_ids=tf.where(finished[:, None, None], beams.finished_words, beams.live_words),
+        lengths=tf.where(finished[:, None], beams.finished_lengths, live_lengths),
+        log_probs=tf.where(finished[:, None], beams.finished_log_probs, beams.live_log_probs),
+        scores=tf.where(finished[:, None], beams.finished_scores, beams.live_log_probs),
+        finished=finished,
+    )
+
+
+def _captions(best: BestCaptions) -> list[list[Caption]]:
+    """BestCaptions of numpy arrays -> per image, its Captions, best first."""
+    return [
+        [
+            Caption(
+                tuple(best.word_ids[image, j, : best.lengths[image, j]].tolist()),
+                float(best.log_probs[image, j]),
+                float(best.scores[image, j]),
+                finished=bool(best.finished[image]),
+            )
+            for j in np.flatnonzero(np.isfinite(best.log_probs[image]))
+        ]
+        for image in range(len(best.finished))
+    ]
 
 
 class _Beams(NamedTuple):
@@ -188,7 +266,8 @@ def _advance(
 
     Compiled: it traces once per shape (N, k, V, max_caption_length, the state's) and `grow`.
     """
-    num_images, k, _ = beams.live_words.shape
+    k = beams.live_words.shape[1]
+    num_images = tf.shape(beams.live_words)[0]  # free in a traced search
     rows = num_images * k
     log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32))
     tokens_per_slot = min(k, log_probs.shape[-1])
@@ -217,7 +296,7 @@ def _advance(
     parents = picked // tokens_per_slot  # [N, k], slots of the same image
     new_words = tf.gather(candidates, picked, batch_dims=1)  # [N, k]
     parent_words = tf.gather(beams.live_words, parents, batch_dims=1)
-    columns = tf.range(beams.live_words.shape[2])[None, None, :]
+    columns = tf.range(tf.shape(beams.live_words)[2])[None, None, :]
     live_words = tf.where(columns == length, new_words[:, :, None], parent_words)
     parent_rows = tf.reshape(parents + tf.range(num_images)[:, None] * k, [rows])
     state = tf.nest.map_structure(lambda tensor: tf.gather(tensor, parent_rows), state)
@@ -230,37 +309,18 @@ def _advance(
     return beams, tf.reshape(new_words, [rows]), state, tf.reduce_all(done)
 
 
-def _image_captions(beams: _Beams, image: int, length: int) -> list[Caption]:
-    """One image's finished captions, best first, or its unfinished ones (`length` words) when
-    it has none. `beams` holds numpy arrays."""
-    scores, log_probs = beams.finished_scores[image], beams.finished_log_probs[image]
-    words, lengths = beams.finished_words[image], beams.finished_lengths[image]
-    captions = [
-        Caption(tuple(words[j, : lengths[j]].tolist()), float(log_probs[j]), float(scores[j]), finished=True)
-        for j in np.flatnonzero(np.isfinite(scores))
-    ]
-    if captions:
-        return captions
-    live_log_probs, live_words = beams.live_log_probs[image], beams.live_words[image]
-    return [
-        Caption(tuple(live_words[j, :length].tolist()), float(live_log_probs[j]), float(live_log_probs[j]), False)
-        for j in np.flatnonzero(np.isfinite(live_log_probs))
-    ]
-
-
-def _check_word_ids(start_id: int, end_id: int) -> None:
-    """ValueError unless `<S>`'s and `</S>`'s ids are two different word ids (a caller's bug)."""
+def check_word_ids(start_id: int, end_id: int, vocab_size: int | None = None) -> None:
+    """ValueError unless `<S>`'s and `</S>`'s ids are two different word ids (a caller's bug),
+    below `vocab_size` when it is given."""
     for name, value in (("start_id", start_id), ("end_id", end_id)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"beam search: {name} must be a word id (an integer >= 0), got {value!r}")
     if start_id == end_id:
         raise ValueError(f"beam search: start_id and end_id must differ, both are {start_id}")
-
-
-def _check_ids(start_id: int, end_id: int, vocab_size: int) -> None:
-    for name, value in (("start_id", start_id), ("end_id", end_id)):
-        if value >= vocab_size:
-            raise ValueError(f"beam search: {name} {value} is outside the model's {vocab_size} word ids")
+    if isinstance(vocab_size, int):
+        for name, value in (("start_id", start_id), ("end_id", end_id)):
+            if value >= vocab_size:
+                raise ValueError(f"beam search: {name} {value} is outside the model's {vocab_size} word ids")
 
 
 def _num_images(state: State) -> int:
@@ -278,5 +338,5 @@ def _checked_logits(logits: tf.Tensor, rows: int, start_id: int, end_id: int) ->
     logits = tf.convert_to_tensor(logits)
     if logits.shape.rank != 2 or logits.shape[0] != rows:
         raise ValueError(f"beam search: step must return logits [{rows}, vocab] for {rows} words, got {logits.shape}")
-    _check_ids(start_id, end_id, logits.shape[1])
+    check_word_ids(start_id, end_id, logits.shape[1])
     return logits

@@ -23,21 +23,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 import tempfile
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import fsspec
 import tensorflow as tf
 import yaml
 
 from inference.beam_search import beam_search
+from inference.caption_signature import SEARCH_FIELDS, Search
 from schemas import progress
 from schemas.config import join_url
 from schemas.errors import ShowtellError
 from schemas.layout import CONFIG_FILE, EXPORT_METADATA_FILE, SAVED_MODEL_FILE, STATE_FILE, WEIGHTS_FILE
-from schemas.storage import exists, read_json, read_text
+from schemas.storage import exists, read_bytes, read_json, read_text
 from schemas.vocabulary import END_WORD, START_WORD, UNKNOWN_WORD, WORD_COUNTS_FILE, Vocabulary, parse_word_counts
 from trainer import checkpoints as ckpt
 from trainer.inputs import preprocess_image
@@ -109,7 +110,14 @@ class Captioner:
     `words[i]` is word id i (word_counts.txt's lines); id len(words) is `<UNK>`.
     """
 
-    def __init__(self, endpoints: Endpoints, vocabulary: Vocabulary, image_size: int, vocab_size: int):
+    def __init__(
+        self,
+        endpoints: Endpoints,
+        vocabulary: Vocabulary,
+        image_size: int,
+        vocab_size: int,
+        graph_search: GraphSearch | None = None,
+    ):
         if len(vocabulary.words) + 1 > vocab_size:
             raise ShowtellError(
                 f"word_counts.txt has {len(vocabulary.words)} words + <UNK> but the model has only {vocab_size} ids"
@@ -123,6 +131,7 @@ class Captioner:
         self.start_id: int = vocabulary.ids([START_WORD])[0]
         self.end_id: int = vocabulary.ids([END_WORD])[0]
         self.image_size = image_size
+        self.graph_search = graph_search  # an export's `caption` signature, used when its settings are asked for
 
     @classmethod
     def from_model(cls, model: ShowAndTell, word_counts_text: str) -> Captioner:
@@ -138,6 +147,35 @@ class Captioner:
         """Word ids, int [M], and their state -> next-word logits float32 [M, vocab], the new state."""
         outputs = self.endpoints.step(input_words=tf.cast(input_words, tf.int64), **state)
         return outputs["logits"], {name: outputs[name] for name in STATE_NAMES}
+
+    def caption_each(self, images: Sequence[bytes], **search: Any) -> list[list[tuple[str, float]] | ShowtellError]:
+        """`caption` in one batch, for images not checked beforehand: should the graph fail to
+        decode one, each image is checked on its own (`check_image`) and the ones that decode are
+        captioned in another call, so per image its captions or the ShowtellError saying why not.
+        `search`: caption's beam search settings."""
+        try:
+            return list(self.caption(images, batch_size=max(len(images), 1), **search))
+        except tf.errors.InvalidArgumentError:  # an image that does not decode: which one(s)?
+            pass
+        errors: list[ShowtellError | None] = []
+        for data in images:
+            try:
+                self.check_image(data)
+                errors.append(None)
+            except ShowtellError as error:
+                errors.append(error)
+        good = [data for data, error in zip(images, errors) if error is None]
+        captions = iter(self.caption(good, batch_size=len(good), **search) if good else [])
+        return [error or next(captions) for error in errors]
+
+    def default_search(self) -> Search:
+        """The settings `showtell caption` uses unless told otherwise: an export's `caption`
+        signature's (so one graph call captions a batch), else eval's defaults (im2txt's)."""
+        return self.graph_search.search if self.graph_search is not None else Search()
+
+    def uses_signature(self, search: Search) -> bool:
+        """Whether `caption` with these settings is one call of an export's `caption` signature."""
+        return self.graph_search is not None and self.graph_search.search == search
 
     def check_image(self, data: bytes) -> None:
         """Raises ShowtellError when the graph could not decode `data` (run eagerly, one image),
@@ -160,10 +198,15 @@ class Captioner:
     ) -> list[list[tuple[str, float]]]:
         """Per image, up to `beam_size` captions as (sentence, probability), best first (as
         inference.beam_search ranks them); batches of `batch_size` images share one model call per
-        decoding step."""
+        decoding step, or, with an export's `caption` signature traced with these settings, one
+        call of it."""
+        graph = self.uses_signature(Search(beam_size, max_caption_length, length_normalization))
         results: list[list[tuple[str, float]]] = []
         for start in range(0, len(images), batch_size):
             batch = tf.constant(list(images[start : start + batch_size]), tf.string)
+            if graph:
+                results += self.graph_search.caption(batch)
+                continue
             for captions in beam_search(
                 self,
                 batch,
@@ -187,6 +230,23 @@ class Captioner:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class GraphSearch:
+    """An export's `caption` signature (inference/caption_signature.py) and the settings it was
+    traced with (showtell_export.json's `caption`)."""
+
+    function: Callable[..., dict[str, tf.Tensor]]
+    search: Search
+
+    def caption(self, images: tf.Tensor) -> list[list[tuple[str, float]]]:
+        """Encoded images, string [N] -> per image, its captions as (sentence, probability), best first."""
+        outputs = {name: tensor.numpy() for name, tensor in self.function(images=images).items()}
+        return [
+            [(sentence.decode(), math.exp(p)) for sentence, p in zip(sentences, log_probs) if p > -math.inf]
+            for sentences, log_probs in zip(outputs["captions"], outputs["log_probs"])
+        ]
+
+
 def caption_files(
     captioner: Captioner, paths: Sequence[str], *, batch_size: int = 64, **search: Any
 ) -> list[dict[str, Any]]:
@@ -201,13 +261,20 @@ def caption_files(
         result: dict[str, Any] = {"path": path}
         results.append(result)
         try:
-            data = _read_file(path)
+            data = read_bytes(path)
             captioner.check_image(data)
         except ShowtellError as error:
             result["error"] = str(error)
             continue
         readable.append((result, data))
     images = [data for _, data in readable]
+    settings = Search(**{name: search[name] for name in SEARCH_FIELDS if name in search})
+    if captioner.graph_search is not None and not captioner.uses_signature(settings):
+        log.info(
+            "the export's caption signature has %s; searching with %s over its step signature instead (slower)",
+            captioner.graph_search.search.describe(),
+            settings.describe(),
+        )
     captions: list[list[tuple[str, float]]] = []
     with progress.tracked("caption", total=len(images), unit="images"):
         for start in range(0, len(images), batch_size):
@@ -217,18 +284,6 @@ def caption_files(
     for (result, _), image_captions in zip(readable, captions):
         result["captions"] = [{"sentence": sentence, "p": p} for sentence, p in image_captions]
     return results
-
-
-def _read_file(path: str) -> bytes:
-    try:
-        with fsspec.open(path, "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        raise ShowtellError("not found") from None
-    except IsADirectoryError:
-        raise ShowtellError("a folder, not an image file") from None
-    except OSError as error:
-        raise ShowtellError(f"cannot read it ({error.strerror or error})") from None
 
 
 def source_kind(path: str) -> str:
@@ -286,4 +341,6 @@ def _load_saved_model(path: str) -> Captioner:
         local = ckpt.fetch_dir(path, os.path.join(scratch, "saved_model"))
         loaded = tf.saved_model.load(local)  # variables are restored into memory: scratch may go
     endpoints = Endpoints(loaded.initial_state, loaded.step, owner=loaded)
-    return Captioner(endpoints, vocabulary, metadata["image_size"], metadata["vocab_size"])
+    # Exports written before the `caption` signature have neither it nor its settings.
+    graph_search = GraphSearch(loaded.caption, Search(**metadata["caption"])) if "caption" in metadata else None
+    return Captioner(endpoints, vocabulary, metadata["image_size"], metadata["vocab_size"], graph_search)

@@ -31,12 +31,25 @@ also the loaded object's methods (`tf.saved_model.load(OUT).step(input_words, st
                  state_h      float32 [N, units]     the state after input_words
                  state_c      float32 [N, units]
 
-A client captions as im2txt: `initial_state` once, then `step` from `<S>`, keeping the best
+    caption
+        inputs   images       string  [N]            encoded images, as initial_state's
+        outputs  captions     string  [N, k]         the k = beam_size best captions, best first
+                 word_ids     int64   [N, k, L]      their word ids, then -1 (L = max_caption_length)
+                 log_probs    float32 [N, k]         their log-probabilities; -inf: no caption
+                 scores       float32 [N, k]         what ranks them (length-normalised or not)
+                 finished     bool    [N]            whether the image's captions ended with </S>
+
+`caption` is the whole beam search in one call (inference/caption_signature.py), for clients that
+know nothing of showtell: TF Serving, `saved_model_cli run --signature_def caption`, a process with
+only TensorFlow. Its settings are fixed at export and recorded in showtell_export.json's
+`caption`: {beam_size, max_caption_length, length_normalization}. A client that wants others
+captions as im2txt did: `initial_state` once, then `step` from `<S>`, keeping the best
 `beam_size` partial captions per image and feeding each one's word and state rows back
 (inference/beam_search.py), until `</S>` or max_caption_length words.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -46,6 +59,7 @@ import time
 import fsspec
 import tensorflow as tf
 
+from inference.caption_signature import SIGNATURE, Search, make_caption_function
 from inference.captioner import FINAL, load_captioner, source_kind
 from schemas.config import join_url
 from schemas.errors import ShowtellError
@@ -55,12 +69,13 @@ from schemas.vocabulary import WORD_COUNTS_FILE, vocabulary_id
 
 log = logging.getLogger("showtell.export")
 
-SIGNATURES = ("initial_state", "step")
+SIGNATURES = ("initial_state", "step", SIGNATURE)
 
 
-def export_saved_model(checkpoint: str, out: str) -> str:
+def export_saved_model(checkpoint: str, out: str, search: Search | None = None) -> str:
     """Exports a published `final/` checkpoint as a SavedModel folder at `out` (local path or
-    fsspec URL), with its word_counts.txt and `showtell_export.json`; returns `out`.
+    fsspec URL), with its word_counts.txt and `showtell_export.json`; returns `out`. `search`:
+    the `caption` signature's beam search settings (default: `eval`'s defaults, im2txt's).
 
     Written into a staging sibling of `out` (for URLs: written locally, then uploaded there) and
     published over `out` whole (`schemas.storage.publish_dir`), so `out` is never half-written;
@@ -69,12 +84,16 @@ def export_saved_model(checkpoint: str, out: str) -> str:
     if source_kind(checkpoint) != FINAL:
         raise ShowtellError(f"{checkpoint}: already a SavedModel; export takes a published final/ checkpoint")
     started = time.time()
+    search = search or Search()
     captioner = load_captioner(checkpoint)
     state = read_json(join_url(checkpoint, STATE_FILE))
     endpoints = captioner.endpoints
-    root = tf.Module()  # the SavedModel's object: the two functions and the variables they read
+    root = tf.Module()  # the SavedModel's object: the three functions and the variables they read
     root.initial_state, root.step = endpoints.initial_state, endpoints.step
-    root.model_weights = list(endpoints.owner.weights)
+    root.caption = make_caption_function(
+        endpoints, captioner.words, start_id=captioner.start_id, end_id=captioner.end_id, search=search
+    )
+    root.model_weights = [weight.value for weight in endpoints.owner.weights]
     signatures = {name: getattr(root, name).get_concrete_function() for name in SIGNATURES}
     metadata = {
         "checkpoint": absolute(checkpoint),
@@ -87,6 +106,7 @@ def export_saved_model(checkpoint: str, out: str) -> str:
         "end_id": captioner.end_id,
         "unknown_id": len(captioner.words),
         "vocabulary_id": vocabulary_id(captioner.words),
+        "caption": dataclasses.asdict(search),  # the `caption` signature's beam search settings
         # What a warm start (`train.init_from`) needs to build the model again and check its weights.
         "model": endpoints.owner.model_cfg.model_dump(mode="json"),
         "fingerprint": state.get("fingerprint"),

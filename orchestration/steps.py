@@ -33,7 +33,8 @@ attempt is cleared before a fresh one. `orchestration.run` fingerprints keys + i
                   in    train/phase{1,2}/final/state.json, data/preprocess_report.json, baseline.json
                         (the pinned baseline model is scored on the same images, for the gate)
                   out   <run_root>/eval/report.json, eval/best.json
-    export        keys  -
+    export        keys  eval.beam_size, eval.max_caption_length, eval.length_normalization (the
+                        SavedModel's `caption` signature searches with them)
                   in    eval/best.json
                   out   <run_root>/export/showtell_export.json (written last), export/saved_model.pb
     promote       keys  promote.*
@@ -104,6 +105,8 @@ TRAIN_KEYS = (
 )
 # What a warm start changes: where phase 1's result comes from, and phase 2's steps.
 WARM_START_KEYS = {1: ("train.init_from",), 2: ("train.init_from", "train.warm_start_steps")}
+# The beam search the export's `caption` signature is traced with (inference.caption_signature.Search).
+EXPORT_KEYS = ("eval.beam_size", "eval.max_caption_length", "eval.length_normalization")
 EVAL_KEYS = tuple(
     f"eval.{key}"
     for key in (
@@ -242,6 +245,7 @@ def _required_json(url: str, step: str) -> dict[str, Any]:
 
 def _export(config: Config) -> dict[str, Any]:
     """Exports the checkpoint best.json names as a SavedModel to `<run_root>/export/`."""
+    from inference.caption_signature import Search
     from inference.export import export_saved_model
 
     best = _required_json(join_url(config.eval_dir, BEST_FILE), "evaluate")
@@ -251,7 +255,7 @@ def _export(config: Config) -> dict[str, Any]:
         source = checkpoint["url"]
     else:
         source = _publish_checkpoint(config, checkpoint["url"])
-    export_saved_model(source, export_dir(config))
+    export_saved_model(source, export_dir(config), Search.of(config.eval))
     return {"checkpoint": checkpoint, "source": source, "export": export_dir(config)}
 
 
@@ -398,7 +402,7 @@ STEPS: tuple[Step, ...] = (
     ),
     Step(
         "export",
-        keys=_keys(),
+        keys=_keys(*EXPORT_KEYS),
         inputs=lambda c: [join_url(c.eval_dir, BEST_FILE)],
         outputs=lambda c: [join_url(export_dir(c), EXPORT_METADATA_FILE), join_url(export_dir(c), SAVED_MODEL_FILE)],
         work=_export,

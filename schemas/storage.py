@@ -1,5 +1,6 @@
 """Reading and writing small files at any fsspec URL (a local path, gs://, s3://, memory://),
-and publishing whole folders, shared by every stage.
+reading an image file under a byte limit (`read_bytes`), and publishing whole folders, shared by
+every stage.
 
 Publishing a folder atomically is the project's central promise: data/, final/, eval/, an export
 and a promoted model are each either the old folder or the new one, never a mix, whatever kills
@@ -19,6 +20,8 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import fsspec
+
+from schemas.errors import ShowtellError
 
 
 def is_local(url: str) -> bool:
@@ -159,3 +162,40 @@ def read_json_object(url: str) -> Optional[dict]:
     except ValueError:  # not UTF-8, or not JSON
         return None
     return value if isinstance(value, dict) else None
+
+
+UNREADABLE = "unreadable"  # ImageReadError reasons: missing, a folder, a store error
+TOO_LARGE = "too_large"  # over the byte limit (never read whole)
+
+
+class ImageReadError(ShowtellError):
+    """One listed file that could not be read: `reason` is UNREADABLE or TOO_LARGE, the message
+    says why in words."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def read_bytes(url: str, max_bytes: int | None = None) -> bytes:
+    """The file's bytes; ImageReadError "not found", "a folder, ...", "cannot read it (...)", or, for a
+    file over `max_bytes` (None: no limit), "too large (N bytes, over the limit of M)", found before
+    reading it. How `showtell caption` and `caption-batch` read the images they are given."""
+    try:
+        with fsspec.open(url, "rb") as handle:
+            size = getattr(handle, "size", None)
+            if max_bytes is None:
+                return handle.read()
+            if size is not None and size > max_bytes:
+                raise ImageReadError(TOO_LARGE, f"too large ({size:,d} bytes, over the limit of {max_bytes:,d})")
+            data = handle.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise ImageReadError(UNREADABLE, "not found") from None
+    except IsADirectoryError:
+        raise ImageReadError(UNREADABLE, "a folder, not an image file") from None
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise ImageReadError(UNREADABLE, f"cannot read it ({reason})") from None
+    if len(data) > max_bytes:
+        raise ImageReadError(TOO_LARGE, f"too large (over the limit of {max_bytes:,d} bytes)")
+    return data

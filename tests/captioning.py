@@ -44,6 +44,14 @@ def publish_tiny_final(root: Path, word_counts_text: str = WORD_COUNTS) -> str:
         return ckpt.publish_final(checkpoint_dir, phase_dir, config.model_dump(mode="json"), str(word_counts))
 
 
+def export_tiny(root: Path) -> str:
+    """The tiny model published under `root` and exported (with its `caption` signature at eval's
+    default settings) to `root/export`; returns the export's folder."""
+    from inference.export import export_saved_model
+
+    return export_saved_model(publish_tiny_final(root), str(root / "export"))
+
+
 def image(seed: int, fmt: str = "JPEG", size: int = 48) -> bytes:
     """A real encoded picture (a red square on near-white, with noise that differs by seed)."""
     return encode(picture(size, seed), fmt)

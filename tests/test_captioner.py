@@ -88,6 +88,18 @@ def test_caption_gives_sentences_best_first_whatever_the_batching(captioner):
     assert_same_captions(small_batches, one_batch)
 
 
+def test_caption_each_gives_every_decodable_image_its_captions_and_each_other_its_reason(captioner):
+    good = [image(0), image(1, "PNG"), image(2)]
+    mixed = [good[0], b"not a picture", good[1], b"\xff\xd8\xff broken", good[2]]
+
+    results = captioner.caption_each(mixed, beam_size=2, max_caption_length=6)
+
+    expected = captioner.caption(good, beam_size=2, max_caption_length=6)
+    assert_same_captions([results[0], results[2], results[4]], expected)
+    assert [str(results[i]).startswith("not an image that can be decoded (") for i in (1, 3)] == [True, True]
+    assert_same_captions(captioner.caption_each(good, beam_size=2, max_caption_length=6), expected)
+
+
 def test_sentence_leaves_out_start_and_end_and_names_unknown_ids(captioner):
     assert captioner.sentence([captioner.start_id, 3, 5, NUM_WORDS, NUM_WORDS + 4, captioner.end_id]) == (
         "red circle <UNK> <UNK>"

@@ -67,8 +67,9 @@ def test_the_export_captions_exactly_as_its_checkpoint(from_checkpoint, exported
     np.testing.assert_array_equal(logits, expected_logits)
 
 
-def test_the_saved_model_loads_and_runs_with_plain_tensorflow(exported):
+def test_the_saved_model_loads_and_runs_with_plain_tensorflow(exported, from_checkpoint):
     # A fresh interpreter that imports TensorFlow only: no showtell module, no Keras model class.
+    # Its `caption` signature returns, in one call, the captions of showtell's beam search.
     script = textwrap.dedent(
         f"""
         import json, sys
@@ -87,7 +88,10 @@ def test_the_saved_model_loads_and_runs_with_plain_tensorflow(exported):
         state = model.signatures["initial_state"](images=images)
         out = model.signatures["step"](input_words=tf.constant([1, 1], tf.int64), **state)
         same = model.step(tf.constant([1, 1], tf.int64), state["state_h"], state["state_c"])
+        captions = model.signatures["caption"](images=images)
         print(json.dumps({{
+            "captions": [[c.decode() for c in row] for row in captions["captions"].numpy()],
+            "log_probs": captions["log_probs"].numpy().tolist(),
             "specs": specs,
             "softmax_sums": out["softmax"].numpy().sum(axis=1).tolist(),
             "softmax_is_softmax": bool(tf.reduce_all(tf.abs(tf.nn.softmax(out["logits"]) - out["softmax"]) < 1e-6)),
@@ -106,6 +110,16 @@ def test_the_saved_model_loads_and_runs_with_plain_tensorflow(exported):
     report = json.loads(done.stdout.strip().splitlines()[-1])
 
     assert report["specs"] == {
+        "caption": {
+            "inputs": {"images": ["string", [None]]},
+            "outputs": {
+                "captions": ["string", [None, 3]],
+                "word_ids": ["int64", [None, 3, 20]],
+                "log_probs": ["float32", [None, 3]],
+                "scores": ["float32", [None, 3]],
+                "finished": ["bool", [None]],
+            },
+        },
         "initial_state": {
             "inputs": {"images": ["string", [None]]},
             "outputs": {"state_h": ["float32", [None, UNITS]], "state_c": ["float32", [None, UNITS]]},
@@ -127,6 +141,9 @@ def test_the_saved_model_loads_and_runs_with_plain_tensorflow(exported):
     np.testing.assert_allclose(report["softmax_sums"], [1.0, 1.0], rtol=1e-5)
     assert report["softmax_is_softmax"] and report["methods_agree"]
     assert report["showtell_imported"] == []
+    expected = from_checkpoint.caption(IMAGES[:2])  # showtell's Python beam search, eval's default settings
+    assert report["captions"] == [[sentence for sentence, _ in captions] for captions in expected]
+    np.testing.assert_allclose(np.exp(report["log_probs"]), [[p for _, p in c] for c in expected], rtol=1e-4)
 
 
 def test_the_export_folder_holds_vocabulary_and_metadata_and_nothing_half_written(final, exported):
@@ -146,6 +163,7 @@ def test_the_export_folder_holds_vocabulary_and_metadata_and_nothing_half_writte
         "end_id": 2,
         "unknown_id": NUM_WORDS,
         "vocabulary_id": parse_word_counts(WORD_COUNTS).id,
+        "caption": {"beam_size": 3, "max_caption_length": 20, "length_normalization": 0.0},
         "model": Model(**MODEL).model_dump(mode="json"),
         "fingerprint": json.loads((Path(final) / "state.json").read_text())["fingerprint"],
     }

@@ -157,3 +157,16 @@ def test_a_real_large_image_over_the_limit_is_skipped():
     data = _encode(Image.new("1", (4000, 3000)), "PNG")  # 12 Mpx, a few kB
 
     assert check_image(data, 10_000_000).skip_reason == images.TOO_LARGE
+
+
+def test_check_header_passes_what_tensorflow_reads_undecoded_and_decides_the_rest_as_check_image():
+    jpeg = _encode(_rgb(), "JPEG")
+    truncated = jpeg[: (jpeg.index(b"\xff\xda") + len(jpeg)) // 2]
+    tiff = _encode(_rgb(), "TIFF")
+
+    # A damaged JPEG passes on its header: the graph that decodes it finds the damage.
+    assert images.check_header(truncated, MAX_PIXELS).jpeg == truncated
+    assert images.check_header(jpeg, MAX_PIXELS) == check_image(jpeg, MAX_PIXELS)
+    assert images.check_header(tiff, MAX_PIXELS) == check_image(tiff, MAX_PIXELS)  # re-encoded, as there
+    assert images.check_header(b"<html>", MAX_PIXELS).skip_reason == images.NOT_AN_IMAGE
+    assert images.check_header(jpeg, WIDTH * HEIGHT - 1).skip_reason == images.TOO_LARGE

@@ -33,7 +33,8 @@ def _affected(*overrides: str) -> set[str]:
 @pytest.mark.parametrize(
     "overrides, steps",
     [
-        (["eval.beam_size=2"], {"evaluate"}),
+        (["eval.beam_size=2"], {"evaluate", "export"}),  # export: the caption signature searches with it
+        (["eval.select_by=Bleu_4"], {"evaluate"}),
         (["train.phase2.steps=7"], {"train-phase2"}),
         (["train.phase1.learning_rate=1.0"], {"train-phase1"}),
         (["model.num_lstm_units=64"], {"train-phase1", "train-phase2"}),
