@@ -7,13 +7,13 @@ setup(
     description="Google's Show and Tell image captioner as a Beam + tf.Transform + Ray Train pipeline",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["pipelines*", "trainer*", "inference*", "orchestration*", "schemas*"]),
-    package_data={"schemas": ["*.pbtxt"], "": ["*.yaml"]},
+    package_data={"schemas": ["*.pbtxt"], "inference": ["*.html"], "": ["*.yaml"]},  # html: `showtell serve`'s page
     install_requires=[
         # The user's chosen stack.
         "apache-beam>=2.60",
         "tensorflow>=2.16",
         "tensorflow-transform>=1.16",
-        "ray[train]>=2.40",
+        "ray[train,serve]>=2.40",  # Ray Train for training; Ray Serve for `showtell serve`, the HTTP endpoint
         "pyarrow>=14",
         "fsspec>=2024.2",
         # Supporting libraries.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -24,8 +25,9 @@ EXIT_CODES = """exit codes:
   2  a user's mistake: a bad config key or flag, a missing or corrupt input, a run_root held by another run
 """
 
-# `showtell caption`'s flags that mirror `eval` keys: argparse dests, named as the keys.
-CAPTION_SETTINGS = ("beam_size", "max_caption_length", "length_normalization", "batch_size")
+# `showtell export`'s and `showtell caption`'s flags that mirror `eval` keys: argparse dests, named as the keys.
+SEARCH_SETTINGS = ("beam_size", "max_caption_length", "length_normalization")
+CAPTION_SETTINGS = (*SEARCH_SETTINGS, "batch_size")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +40,26 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set data.shards.train=16 (repeatable)",
     )
+
+
+def _add_search_args(
+    parser: argparse.ArgumentParser, defaults: Eval, default_text: str, with_defaults: bool = False
+) -> None:
+    """--beam-size, --max-caption-length and --length-normalization, which mirror the `eval` keys;
+    without `with_defaults` an unset flag is None (`_given`)."""
+    flags = {
+        "beam_size": (int, "captions kept per image"),
+        "max_caption_length": (int, "words per caption at most"),
+        "length_normalization": (float, "rank finished captions by log p / words**F; 0: off (im2txt)"),
+    }
+    for name, (kind, text) in flags.items():
+        value = getattr(defaults, name)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=kind,
+            default=value if with_defaults else None,
+            help=f"{text} ({default_text}{value})",
+        )
 
 
 def _mirrored(section: type[Section], key: str, args: argparse.Namespace, names: Sequence[str]) -> Section:
@@ -80,7 +102,7 @@ def _as_step(args: argparse.Namespace, config: Config, step: str) -> ContextMana
 
 
 def _engine_output(args: argparse.Namespace) -> ContextManager[None]:
-    """A subcommand without a run_root (caption, export): TensorFlow's own lines go to
+    """A subcommand without a run_root (caption, caption-batch, export, serve): TensorFlow's own lines go to
     `<temp dir>/showtell/<subcommand>.log` (appended to), and the console with --verbose."""
     import tempfile
 
@@ -138,20 +160,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _given(args: argparse.Namespace, names: Sequence[str]) -> dict[str, object]:
+    """The flags of `names` that were given on the command line (their argparse default is None)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def _cmd_caption(args: argparse.Namespace) -> int:
-    settings = _mirrored(Eval, "eval", args, CAPTION_SETTINGS)  # before TensorFlow and the checkpoint load
+    given = _given(args, CAPTION_SETTINGS)
+    _mirrored(Eval, "eval", argparse.Namespace(**given), list(given))  # before TensorFlow and the checkpoint load
     with _engine_output(args):
         from inference.captioner import caption_files, load_captioner
 
         captioner = load_captioner(args.checkpoint)
-        results = caption_files(
-            captioner,
-            args.images,
-            beam_size=settings.beam_size,
-            max_caption_length=settings.max_caption_length,
-            length_normalization=settings.length_normalization,
-            batch_size=settings.batch_size,
-        )
+        # Unset flags: an export's `caption` signature settings (one graph call per batch), else eval's defaults.
+        search = {**dataclasses.asdict(captioner.default_search()), **given}
+        results = caption_files(captioner, args.images, **search)
     for result in results:
         if "error" in result:
             print(f"showtell caption: error: {result['path']}: {result['error']}", file=sys.stderr)
@@ -170,10 +193,50 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from schemas.storage import absolute
 
     with _engine_output(args):
+        from inference.caption_signature import Search
         from inference.export import export_saved_model
 
-        exported = export_saved_model(args.checkpoint, args.out)
+        search = _mirrored(Eval, "eval", args, SEARCH_SETTINGS)  # checked as the eval keys they mirror
+        exported = export_saved_model(args.checkpoint, args.out, Search.of(search))
     print(absolute(exported))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from schemas.config import ConfigError
+
+    with _engine_output(args):  # Ray's, Serve's and TensorFlow's lines go to the log; showtell's to the console
+        from inference.serve import ServeSettings, serve_until_stopped
+
+        given = {name: getattr(args, name) for name in ServeSettings.model_fields if hasattr(args, name)}
+        try:
+            settings = ServeSettings(**given)
+        except ValidationError as error:
+            raise ConfigError(describe_errors(error, name=lambda field: f"--{field.replace('_', '-')}")) from None
+        serve_until_stopped(settings)
+    return 0
+
+
+def _cmd_caption_batch(args: argparse.Namespace) -> int:
+    job_settings = _given(args, ("batch_size", "shard_size", "max_image_bytes"))
+    config = load_config(args.config, args.overrides) if args.config else None
+    if config is not None:
+        from schemas.stores import apply
+
+        apply(config.storage)  # the stores' endpoints and credentials, as every command with a config
+    with _engine_output(args):
+        from pipelines.caption_batch import CaptionJob, run_caption_batch, summarize
+        from schemas.config import Beam
+
+        if config is not None:  # the config's limits and images per model call; flags win
+            job_settings = {
+                "batch_size": config.eval.batch_size,
+                "max_image_pixels": config.data.max_image_pixels,
+                **job_settings,
+            }
+        job = CaptionJob(model=args.model, input=args.input, output=args.output, **job_settings)
+        summary = run_caption_batch(job, config.beam if config is not None else Beam())
+    _result(args, summarize(summary, job))
     return 0
 
 
@@ -289,6 +352,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type for a count that mirrors no config key: an integer, 1 or more."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"should be greater than 0 (got {text})")
+    return value
+
+
 def _add_console_args(parser: argparse.ArgumentParser, after_subcommand: bool) -> None:
     """-q, -v and --progress-every, before the subcommand (`showtell -q run ...`) and after it
     (`showtell run ... -q`, for cron lines); given after it, they win, and not given there, the
@@ -369,24 +440,64 @@ def build_parser() -> argparse.ArgumentParser:
     caption = add_subcommand("caption", help="beam-search captions for image files, as im2txt's run_inference")
     caption.add_argument("--checkpoint", required=True, help="a published final/ folder or a `showtell export` folder")
     caption.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG, ... files (paths or fsspec URLs)")
-    caption.add_argument("--beam-size", type=int, default=defaults.beam_size, help="captions kept per image")
+    _add_search_args(caption, defaults, "default: an export's `caption` signature's, else ")
     caption.add_argument(
-        "--max-caption-length", type=int, default=defaults.max_caption_length, help="words per caption at most"
+        "--batch-size", type=int, help=f"images per model batch (default: {defaults.batch_size})"
     )
-    caption.add_argument(
-        "--length-normalization",
-        type=float,
-        default=defaults.length_normalization,
-        help="rank finished captions by log p / words**F; 0: off (im2txt)",
-    )
-    caption.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per model batch")
     caption.add_argument("--json", action="store_true", help="print one JSON document instead of im2txt's text")
     caption.set_defaults(func=_cmd_caption)
 
     export = add_subcommand("export", help="a final/ checkpoint -> a TensorFlow SavedModel (TF Serving, caption)")
     export.add_argument("--checkpoint", required=True, help="a published final/ folder (local path or fsspec URL)")
     export.add_argument("out", help="the SavedModel folder to write (local path or fsspec URL); replaced whole")
+    _add_search_args(export, defaults, "the `caption` signature's beam search; default: ", with_defaults=True)
     export.set_defaults(func=_cmd_export)
+
+    served = add_subcommand(
+        "serve", help="an export's captions over HTTP (Ray Serve, dynamic batching) until Ctrl-C or SIGTERM"
+    )
+    served.add_argument("--model", required=True, help="a `showtell export` folder (local path or fsspec URL)")
+    # inference.serve.ServeSettings's fields: a flag left out takes the field's default; ServeSettings checks them.
+    served.add_argument("--host", default=unset, help="the address to listen on (default: 127.0.0.1)")
+    served.add_argument("--port", type=int, default=unset, help="the port to listen on (default: 8000)")
+    served.add_argument("--replicas", type=int, default=unset, help="model replicas, each reserving a CPU (default: 1)")
+    served.add_argument(
+        "--max-batch-size", type=int, default=unset, help="images per model call at most; 1: no batching (default: 32)"
+    )
+    served.add_argument(
+        "--batch-wait-timeout-s",
+        type=float,
+        default=unset,
+        metavar="SECONDS",
+        help="how long a batch's first image waits for others (default: 0; batches still fill under load)",
+    )
+    served.add_argument(
+        "--max-request-bytes", type=int, default=unset, help="a larger POST body gets 413 (default: 10 MiB)"
+    )
+    served.set_defaults(func=_cmd_serve)
+
+    batch = add_subcommand(
+        "caption-batch",
+        help="a Beam pipeline (RunInference) captions every image of a glob, folder, zip or URL list into JSONL shards",
+    )
+    batch.add_argument("--model", required=True, help="a `showtell export` folder (local path or fsspec URL)")
+    batch.add_argument(
+        "--input",
+        required=True,
+        metavar="URL_OR_GLOB",
+        help="an fsspec glob (s3://b/photos/**.jpg), a folder, a .zip, or a .txt of image URLs, one per line",
+    )
+    batch.add_argument("--output", required=True, help="the folder of the JSONL shards (any fsspec URL); resumes there")
+    batch.add_argument(
+        "--config", help="a config whose beam.* (runner), storage.*, eval.batch_size and data.max_image_pixels apply"
+    )
+    batch.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="as run's")
+    batch.add_argument("--batch-size", type=_positive_int, help="images per model call at most (default: 64)")
+    batch.add_argument("--shard-size", type=_positive_int, help="images per output shard (default: 1000)")
+    batch.add_argument(
+        "--max-image-bytes", type=_positive_int, help="larger files are error lines, never read (default: 20 MiB)"
+    )
+    batch.set_defaults(func=_cmd_caption_batch)
 
     pipeline = add_subcommand(
         "export-pipeline", help="compile `showtell run` for a scheduler: a Kubeflow Pipelines v2 YAML"
