@@ -250,6 +250,7 @@ def export_model(model, words: Sequence[str] | None, folder: Path, search) -> st
 
     if words is None:  # a random model: <S> and </S> on lines 1 and 2, as RANDOM_START_ID/END_ID say
         words = ["a", "<S>", "</S>", *(f"word{i}" for i in range(3, RANDOM_VOCAB_SIZE - 1))]
+    folder.mkdir(parents=True, exist_ok=True)
     word_counts = folder / "word_counts.txt"
     word_counts.write_text("".join(f"{word} {1000 - i}\n" for i, word in enumerate(words)), encoding="utf-8")
     checkpoint = folder / "checkpoint"
