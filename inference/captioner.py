@@ -155,7 +155,7 @@ class Captioner:
         `search`: caption's beam search settings."""
         try:
             return list(self.caption(images, batch_size=max(len(images), 1), **search))
-        except tf.errors.InvalidArgumentError:  # an image that does not decode: which one(s)?
+        except tf.errors.OpError:  # an image that does not decode (as check_image catches): which one(s)?
             pass
         errors: list[ShowtellError | None] = []
         for data in images:
@@ -251,8 +251,9 @@ def caption_files(
     captioner: Captioner, paths: Sequence[str], *, batch_size: int = 64, **search: Any
 ) -> list[dict[str, Any]]:
     """Per path, in order, {"path", "captions": [{"sentence", "p"}, ...]} (best first) or
-    {"path", "error"}. Every file is read (any fsspec URL) and checked on its own first, so a
-    missing, unreadable or non-image file gets its error and the others still get captions.
+    {"path", "error"}. Every file is read (any fsspec URL); a batch that does not decode is
+    checked image by image (`Captioner.caption_each`), so a missing, unreadable or non-image file
+    gets its error and the others still get captions, and a good image is decoded once.
     `batch_size` and `search`: Captioner.caption's keyword arguments. A progress display
     (`schemas.progress`) counts the images captioned."""
     results: list[dict[str, Any]] = []
@@ -262,7 +263,6 @@ def caption_files(
         results.append(result)
         try:
             data = read_bytes(path)
-            captioner.check_image(data)
         except ShowtellError as error:
             result["error"] = str(error)
             continue
@@ -275,14 +275,17 @@ def caption_files(
             captioner.graph_search.search.describe(),
             settings.describe(),
         )
-    captions: list[list[tuple[str, float]]] = []
+    captions: list[list[tuple[str, float]] | ShowtellError] = []
     with progress.tracked("caption", total=len(images), unit="images"):
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
-            captions += captioner.caption(batch, batch_size=batch_size, **search)
+            captions += captioner.caption_each(batch, **search)
             progress.advance(len(batch))
     for (result, _), image_captions in zip(readable, captions):
-        result["captions"] = [{"sentence": sentence, "p": p} for sentence, p in image_captions]
+        if isinstance(image_captions, ShowtellError):
+            result["error"] = str(image_captions)
+        else:
+            result["captions"] = [{"sentence": sentence, "p": p} for sentence, p in image_captions]
     return results
 
 
