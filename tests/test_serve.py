@@ -304,6 +304,18 @@ def wait_until_up(url: str, process: subprocess.Popen) -> None:
     raise AssertionError(f"showtell serve did not answer within {STARTS_WITHIN_S} s: {process.communicate()}")
 
 
+def wait_until_serving(process: subprocess.Popen) -> list[str]:
+    """The console's lines up to and with `showtell serve`'s "serving ..." line, which it logs once
+    Serve's start returned: an operator's sign that Ctrl-C now stops it cleanly. (/healthz may
+    answer a moment before, while Serve still polls the application's status.)"""
+    lines: list[str] = []
+    while not lines or "showtell.serve: serving " not in lines[-1]:
+        line = process.stderr.readline()
+        assert line, f"showtell serve ended before it logged that it serves: {''.join(lines)}"
+        lines.append(line)
+    return lines
+
+
 @pytest.mark.parametrize(
     "stop",
     [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],  # a process manager's, Ctrl-C's
@@ -317,11 +329,13 @@ def test_the_cli_serves_until_a_signal_then_stops_cleanly_with_only_its_own_line
     process = showtell_serve("--model", exported, "--port", str(port), "--max-batch-size", "4")
     try:
         wait_until_up(url, process)
+        console = wait_until_serving(process)
         assert_captions(post_image(url, IMAGES[0]), [expected[0]])
         assert http(f"{url}/caption").status == 405
 
         process.send_signal(stop)
         out, err = process.communicate(timeout=60)
+        err = "".join(console) + err
     finally:
         if process.poll() is None:
             process.kill()
