@@ -142,9 +142,9 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     with _as_step(args, config, f"train-phase{args.phase}"):
-        from trainer.launcher import run_phase
+        from orchestration.steps import train_phase
 
-        summary = run_phase(config, args.phase)
+        summary = train_phase(config, args.phase)
     _result(args, json.dumps(summary, indent=2))
     return 0
 

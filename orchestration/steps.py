@@ -17,7 +17,9 @@ attempt is cleared before a fresh one. `orchestration.run` fingerprints keys + i
                   in    data/preprocess_report.json, data/word_counts.txt, data/word_frequencies.txt, baseline.json
                   out   <run_root>/data_checks.json; the step fails (exit 2) naming each anomaly, so
                         nothing trains and nothing is promoted
-    train-phase1  keys  train.phase1, TRAIN_KEYS (model, train.num_examples_per_epoch, train.mixed_precision,
+    train-phase1  (with train.phase1.feature_cache on, first builds or checks <run_root>/feature_cache/:
+                  pipelines/feature_cache.py; rebuilt only when its own key changes)
+                  keys  train.phase1, TRAIN_KEYS (model, train.num_examples_per_epoch, train.mixed_precision,
                         train.shuffle_buffer, train.random_flip, train.seed, ray.num_workers: the global
                         batch), train.init_from; a change trains afresh, except more train.phase1.steps
                         alone: it trains on from its checkpoint
@@ -205,17 +207,30 @@ def _check_data(config: Config) -> dict[str, Any]:
     return run_data_checks(config)
 
 
-def _train(phase: int, config: Config) -> dict[str, Any]:
+def train_phase(config: Config, phase: int) -> dict[str, Any]:
+    """One training phase (`showtell train`, and the train-phaseN steps): `run_phase`, after
+    building or checking phase 1's feature cache when train.phase1.feature_cache is on and phase 1
+    trains (a warm start trains no phase 1); its summary then has the cache's under `feature_cache`."""
+    from pipelines.feature_cache import ensure_feature_cache
     from trainer.launcher import run_phase
 
+    cached = phase == 1 and config.train.phase1.feature_cache.enabled and init_source(config) is None
+    cache = ensure_feature_cache(config) if cached else None
     summary = run_phase(config, phase)
+    return {**summary, "feature_cache": cache} if cache else summary
+
+
+def _train(phase: int, config: Config) -> dict[str, Any]:
+    summary = train_phase(config, phase)
     if "warm_start" in summary:
         return {"step": 0, "final": summary["final"], "warm_start": summary["warm_start"]}
+    cache = {"feature_cache": summary["feature_cache"]} if "feature_cache" in summary else {}
     return {
         "step": summary["step"],
         "final": summary["final"],
         "perplexity": summary["metrics"].get("perplexity"),
         "stopped": summary["stopped"],
+        **cache,
     }
 
 

@@ -186,6 +186,20 @@ class Phase(_Strict):
     checkpoints_kept: int = Field(5, gt=0)  # newest checkpoints Ray keeps
 
 
+class FeatureCache(_Strict):
+    """Phase 1 from the frozen encoder's features, computed once by a batch job
+    (pipelines/feature_cache.py) instead of at every step: the embedding, LSTM and logits train on
+    them. Rebuilt only when its key changes: the encoder's weights, model.image_size, the
+    augmentation (train.random_flip), `views`, `seed` or the data."""
+
+    enabled: bool = False  # off: phase 1 runs the frozen encoder on every image at every step (im2txt)
+    # Features kept per training image: the central crop, then views - 1 random crops, flips and
+    # colour distortions (im2txt's training augmentation); training draws one at each visit.
+    views: int = Field(4, gt=0, le=64)
+    seed: int = Field(0, ge=0)  # seeds the augmented views: the same seed gives the same views
+    batch_size: int = Field(32, gt=0)  # images per encoder call while building (not part of the key)
+
+
 class Phase1(Phase):
     """im2txt's first phase: Inception frozen, SGD 2.0 halved every 8 epochs, 1,000,000 steps."""
 
@@ -198,6 +212,18 @@ class Phase1(Phase):
     # none can be loaded (the offline demo). 0: off, as im2txt.
     encoder_pretrain_steps: int = Field(0, ge=0)
     encoder_pretrain_learning_rate: float = Field(0.5, gt=0)  # SGD (momentum 0.9) rate of those steps
+    feature_cache: FeatureCache = FeatureCache()  # train from cached encoder features (needs a frozen, fixed encoder)
+
+    @model_validator(mode="after")
+    def _cache_needs_a_fixed_encoder(self) -> "Phase1":
+        if self.feature_cache.enabled and self.train_encoder:
+            raise ValueError("feature_cache.enabled needs a frozen encoder: train_encoder must be false")
+        if self.feature_cache.enabled and self.encoder_pretrain_steps:
+            raise ValueError(
+                "feature_cache.enabled needs fixed encoder weights: encoder_pretrain_steps must be 0 "
+                "(pretraining changes the encoder the features would come from)"
+            )
+        return self
 
 
 class Phase2(Phase):
@@ -422,6 +448,16 @@ class Config(_Strict):
             self.data.mirror = join_url(self.run_root, "raw")
         return self
 
+    @model_validator(mode="after")
+    def _cache_needs_saved_encoder_weights(self) -> "Config":
+        if self.train.phase1.feature_cache.enabled and self.model.encoder_weights == "none":
+            raise ValueError(
+                "train.phase1.feature_cache.enabled needs model.encoder_weights `imagenet` or a weights URL, "
+                "not `none`: a random encoder is drawn afresh by every process, so the features would not "
+                "be the trained model's"
+            )
+        return self
+
     @property
     def data_dir(self) -> str:
         """`<run_root>/data`: shards, word_counts.txt, transform_fn/, preprocess_report.json."""
@@ -431,6 +467,11 @@ class Config(_Strict):
     def train_dir(self) -> str:
         """`<run_root>/train`: Ray's storage, and phase{1,2}/final/ + history.jsonl per phase."""
         return join_url(self.run_root, "train")
+
+    @property
+    def feature_cache_dir(self) -> str:
+        """`<run_root>/feature_cache`: phase 1's encoder features (train.phase1.feature_cache), by the data."""
+        return join_url(self.run_root, "feature_cache")
 
     @property
     def eval_dir(self) -> str:

@@ -12,6 +12,10 @@ Every stage that writes a file and every stage that reads it take its name from 
             word_frequencies.txt              every word of the train split's written captions, with its count
             schema.pbtxt                      the records as a tensorflow-metadata schema
             transform_fn/, transformed_metadata/   tf.Transform's graph
+        feature_cache/                        phase 1's encoder features (train.phase1.feature_cache):
+            train-00000-of-00256 ...          features and captions per image (schemas/feature_records.py)
+            val-00000-of-00004 ...            the val split's central crops
+            cache.json                        its key, shard sizes and counts (written last)
         baseline.json                         the model promoted when the run began (or none): its baseline
         data_checks.json                      this run's data statistics against the baseline model's training data
         train/warm_start/                     a warm start's initial weights, remapped to the data's
@@ -44,6 +48,9 @@ RECORD_SCHEMA_FILE = "schema.pbtxt"  # the records' tensorflow-metadata schema
 # `word count` a line by descending count, as word_counts.txt but with no threshold: an
 # out-of-vocabulary rate under any vocabulary is computed from it.
 WORD_FREQUENCIES_FILE = "word_frequencies.txt"
+
+# --- phase 1's feature cache: <run_root>/feature_cache/ -----------------------------------------------
+FEATURE_CACHE_FILE = "cache.json"  # the key, its parts, each shard's size and the counts; marks a complete cache
 
 # --- training: <run_root>/train/phaseN/ ---------------------------------------------------------
 WEIGHTS_FILE = "model.weights.h5"  # Keras weights of the whole ShowAndTell model

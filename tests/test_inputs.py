@@ -177,9 +177,10 @@ def _crop_windows(jpeg: bytes) -> dict:
 
 # Training decodes only the crop's window of source pixels (inputs.crop_window), so its crop
 # matches the resized image's up to a sub-pixel shift: a mean difference (in [-1, 1] units) of
-# 0.01-0.04 on this small test image, where crops one pixel apart differ by 0.05-0.07 and others
-# by more.
-CROP_TOLERANCE = 0.045
+# 0.01-0.047 on these small test images (the worst of 600 random crops of every record: 0.0463,
+# which failed about one run in five against the 0.045 this was), where crops one pixel apart
+# differ by 0.05-0.07 and others by more.
+CROP_TOLERANCE = 0.05
 
 
 def _closest_crop(image: np.ndarray, windows: dict) -> tuple[tuple, float]:
@@ -190,7 +191,7 @@ def _closest_crop(image: np.ndarray, windows: dict) -> tuple[tuple, float]:
 
 
 def test_training_images_are_random_crops_of_the_resized_image_flipped_at_random(monkeypatch):
-    monkeypatch.setattr(inputs, "distort_colours", lambda image: image)  # geometry only
+    monkeypatch.setattr(inputs, "distort_colours", lambda image, draws: image)  # geometry only
     jpeg = _jpeg(2)
     windows = _crop_windows(jpeg)
 
@@ -207,7 +208,7 @@ def test_training_images_are_random_crops_of_the_resized_image_flipped_at_random
 
 
 def test_training_without_random_flip_gives_only_unmirrored_crops(monkeypatch, data_dir):
-    monkeypatch.setattr(inputs, "distort_colours", lambda image: image)  # geometry only
+    monkeypatch.setattr(inputs, "distort_colours", lambda image, draws: image)  # geometry only
     windows = {index: _crop_windows(_jpeg(index)) for index in range(NUM_RECORDS)}
     dataset = inputs.make_dataset(
         inputs.shard_files(str(data_dir), "train"), image_size=IMAGE_SIZE, batch_size=5, training=True,
@@ -229,21 +230,43 @@ def test_training_images_get_colour_distortion_within_range():
     jpeg = _jpeg(3)
     windows = _crop_windows(jpeg)
 
-    for _ in range(4):
-        image = inputs.preprocess_image(tf.constant(jpeg), IMAGE_SIZE, training=True).numpy()
-        assert image.min() >= -1.0 and image.max() <= 1.0
-        _, error = _closest_crop(image, windows)
+    for seed in range(4):  # seeded: a draw with every colour change near zero cannot make it flaky
+        image = inputs.preprocess_image(tf.constant(jpeg), IMAGE_SIZE, training=True, seed=tf.constant([seed, 0]))
+        assert image.numpy().min() >= -1.0 and image.numpy().max() <= 1.0
+        _, error = _closest_crop(image.numpy(), windows)
         assert error > CROP_TOLERANCE, "colours were not distorted"
 
 
 def test_distort_colours_clips_to_unit_range():
     image = tf.random.stateless_uniform([16, 16, 3], seed=[1, 2])
 
-    distorted = inputs.distort_colours(image).numpy()
+    distorted = inputs.distort_colours(image, inputs.colour_draws(inputs.RandomDraws(tf.constant([3, 4])))).numpy()
 
     assert distorted.shape == (16, 16, 3)
     assert distorted.min() >= 0.0 and distorted.max() <= 1.0
     assert not np.allclose(distorted, image.numpy())
+
+
+def test_a_seeded_augmentation_is_the_same_image_every_time_and_another_seed_another_image():
+    jpeg = tf.constant(_jpeg(3))
+
+    def augmented(seed):
+        return inputs.preprocess_image(jpeg, IMAGE_SIZE, training=True, seed=tf.constant(seed)).numpy()
+
+    np.testing.assert_array_equal(augmented([5, 6]), augmented([5, 6]))
+    assert not np.allclose(augmented([5, 6]), augmented([5, 7]))
+
+
+def test_image_views_are_the_central_crop_then_seeded_augmentations():
+    jpeg = tf.constant(_jpeg(2))
+    seed = tf.constant([0, 42])
+
+    views = inputs.image_views(jpeg, IMAGE_SIZE, views=3, seed=seed, random_flip=True).numpy()
+
+    assert views.shape == (3, IMAGE_SIZE, IMAGE_SIZE, 3)
+    np.testing.assert_array_equal(views[0], inputs.preprocess_image(jpeg, IMAGE_SIZE, training=False).numpy())
+    assert not np.allclose(views[1], views[2]) and not np.allclose(views[0], views[1])
+    np.testing.assert_array_equal(views, inputs.image_views(jpeg, IMAGE_SIZE, 3, seed, True).numpy())
 
 
 @pytest.mark.parametrize("saturation_factor, hue_delta", [(1.0, 0.0), (0.5, 0.032), (1.5, -0.032), (1.9, 0.4)])
@@ -267,7 +290,7 @@ def test_crop_window_maps_a_resized_crop_back_to_source_pixels():
 
 
 def test_training_decodes_png_records_through_the_whole_image_path(monkeypatch):
-    monkeypatch.setattr(inputs, "distort_colours", lambda image: image)  # geometry only
+    monkeypatch.setattr(inputs, "distort_colours", lambda image, draws: image)  # geometry only
     pixels = np.asarray(Image.open(io.BytesIO(_jpeg(4))))
     png = io.BytesIO()
     Image.fromarray(pixels).save(png, "PNG")

@@ -23,6 +23,7 @@ import tensorflow as tf
 from schemas.config import ShardCache as ShardCacheConfig
 from schemas.config import join_url
 from schemas.errors import ShowtellError, first_line
+from schemas.feature_records import parse_feature_example
 from schemas.records import parse_sequence_example
 from schemas.storage import absolute, fresh_fs, is_local
 from trainer import shard_cache
@@ -100,23 +101,54 @@ def adjust_saturation_and_hue(image: tf.Tensor, saturation_factor: tf.Tensor, hu
     return tf.transpose(value - chroma * weights, [1, 2, 0])
 
 
+class RandomDraws:
+    """The random numbers of one image's augmentation: from TF's stateful random ops (training
+    from images), or, given `seed` (int [2]), from stateless ones, so that the same seed always
+    gives the same crop, flip and colours (the feature cache's views)."""
+
+    def __init__(self, seed: Optional[tf.Tensor] = None):
+        self._seed = seed
+        self._draws = 0
+
+    def uniform(self, shape, minval=0.0, maxval=1.0, dtype=tf.float32) -> tf.Tensor:
+        if self._seed is None:
+            return tf.random.uniform(shape, minval, maxval, dtype=dtype)
+        self._draws += 1  # each draw its own stream of the seed
+        seed = tf.random.experimental.stateless_fold_in(self._seed, self._draws)
+        return tf.random.stateless_uniform(shape, seed, minval, maxval, dtype=dtype)
+
+
 # XLA fuses the dozen element-wise passes into one: about 0.4 ms a 299x299 image on one core
 # instead of 1.5 (measured beside the uncompiled ops).
 @tf.function(jit_compile=True)
-def distort_colours(image: tf.Tensor) -> tf.Tensor:
+def distort_colours(image: tf.Tensor, draws: tf.Tensor) -> tf.Tensor:
     """im2txt's random colour distortion of a [H, W, 3] image in [0, 1], clipped back to [0, 1]:
     brightness, then saturation and hue, and contrast either after or before those two.
 
-    im2txt picks one of the two orders by preprocessing thread; here each image draws one.
+    `draws` is `colour_draws`' [5]: brightness delta, contrast factor, saturation factor, hue
+    delta, and whether contrast comes last (>= 0.5). im2txt picks one of the two orders by
+    preprocessing thread; here each image draws one.
     """
-    saturation_factor = tf.random.uniform([], *SATURATION_RANGE)
-    hue_delta = tf.random.uniform([], -HUE_MAX_DELTA, HUE_MAX_DELTA)
-    image = tf.image.random_brightness(image, BRIGHTNESS_MAX_DELTA)
-    contrast_last = tf.random.uniform([]) < 0.5
-    image = tf.cond(contrast_last, lambda: image, lambda: tf.image.random_contrast(image, *CONTRAST_RANGE))
+    brightness_delta, contrast_factor, saturation_factor, hue_delta, order = tf.unstack(draws)
+    contrast_last = order >= 0.5
+    image = tf.image.adjust_brightness(image, brightness_delta)
+    image = tf.cond(contrast_last, lambda: image, lambda: tf.image.adjust_contrast(image, contrast_factor))
     image = adjust_saturation_and_hue(image, saturation_factor, hue_delta)
-    image = tf.cond(contrast_last, lambda: tf.image.random_contrast(image, *CONTRAST_RANGE), lambda: image)
+    image = tf.cond(contrast_last, lambda: tf.image.adjust_contrast(image, contrast_factor), lambda: image)
     return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def colour_draws(draws: RandomDraws) -> tf.Tensor:
+    """float32 [5]: `distort_colours`' random numbers, as im2txt's ranges."""
+    return tf.stack(
+        [
+            draws.uniform([], -BRIGHTNESS_MAX_DELTA, BRIGHTNESS_MAX_DELTA),
+            draws.uniform([], *CONTRAST_RANGE),
+            draws.uniform([], *SATURATION_RANGE),
+            draws.uniform([], -HUE_MAX_DELTA, HUE_MAX_DELTA),
+            draws.uniform([]),
+        ]
+    )
 
 
 def crop_window(image_shape: tf.Tensor, image_size: int, offset: tf.Tensor) -> tf.Tensor:
@@ -151,11 +183,18 @@ def decode_window(image_bytes: tf.Tensor, window_of: Callable[[tf.Tensor], tf.Te
     return tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
 
 
-def preprocess_image(image_bytes: tf.Tensor, image_size: int, training: bool, random_flip: bool = True) -> tf.Tensor:
+def preprocess_image(
+    image_bytes: tf.Tensor,
+    image_size: int,
+    training: bool,
+    random_flip: bool = True,
+    seed: Optional[tf.Tensor] = None,
+) -> tf.Tensor:
     """Encoded image (JPEG, or PNG/GIF/BMP) -> float32 [image_size, image_size, 3] in [-1, 1], as
     im2txt's process_image: resize to `resize_size(image_size)` squared (bilinear), then a random
     crop, a random left-right flip (unless `random_flip` is False) and colour distortion when
-    training, the central crop when not.
+    training, the central crop when not. With `seed` (int [2]) the training augmentation is drawn
+    from it (`RandomDraws`): the same seed, the same image.
 
     Training takes the crop first, in source pixels (`crop_window`), and decodes and resizes only
     that: the same crop up to a sub-pixel shift (window edges fall on whole source pixels), which
@@ -164,18 +203,35 @@ def preprocess_image(image_bytes: tf.Tensor, image_size: int, training: bool, ra
     """
     slack = resize_size(image_size) - image_size  # crops start at 0..47 for 299
     if training:
-        offset = tf.random.uniform([2], 0, slack + 1, dtype=tf.int32)
+        draws = RandomDraws(seed)
+        offset = draws.uniform([2], 0, slack + 1, dtype=tf.int32)
+        flip = draws.uniform([]) < 0.5
+        colours = colour_draws(draws)
         window = decode_window(image_bytes, lambda shape: crop_window(shape, image_size, offset))
         # Resizing uint8 gives float32 in [0, 255]: one pass fewer than converting first.
         image = tf.image.resize(window, [image_size, image_size]) / 255.0
         if random_flip:
-            image = tf.image.random_flip_left_right(image)
-        image = distort_colours(image)
+            image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+        image = distort_colours(image, colours)
     else:
         resized = resize_size(image_size)
         image = tf.image.resize(tf.io.decode_jpeg(image_bytes, channels=3), [resized, resized]) / 255.0
         image = tf.image.crop_to_bounding_box(image, slack // 2, slack // 2, image_size, image_size)
     return (image - 0.5) * 2.0
+
+
+def image_views(image_bytes: tf.Tensor, image_size: int, views: int, seed: tf.Tensor, random_flip: bool) -> tf.Tensor:
+    """float32 [views, image_size, image_size, 3]: the feature cache's views of one image, view 0
+    its central crop (evaluation's), views 1.. `preprocess_image`'s training augmentation drawn
+    from `seed` folded with the view's number:
+
+        image_views(jpeg, 299, views=4, seed=[0, image_id], random_flip=True)   # [4, 299, 299, 3]
+    """
+    fold_in = tf.random.experimental.stateless_fold_in
+    augmented = [
+        preprocess_image(image_bytes, image_size, True, random_flip, fold_in(seed, view)) for view in range(1, views)
+    ]
+    return tf.stack([preprocess_image(image_bytes, image_size, False), *augmented])
 
 
 def read_records(
@@ -307,7 +363,59 @@ def make_dataset(
             mask,
         )
 
-    examples = records.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
+    return _batched(records.map(to_example, num_parallel_calls=tf.data.AUTOTUNE), batch_size, training)
+
+
+def make_feature_dataset(
+    files: list[str],
+    *,
+    feature_size: int,
+    batch_size: int,
+    training: bool,
+    seed: int = 0,
+    shuffle_buffer: int = 2048,
+    input_context: tf.distribute.InputContext | None = None,
+    repeat: bool | None = None,
+    shard_cache_config: Optional[ShardCacheConfig] = None,
+) -> tf.data.Dataset:
+    """`make_dataset` over the feature cache's shards (schemas/feature_records.py): batches of
+    ({"features", "input_seqs"}, target_seqs, mask), one example per caption, as from images:
+
+        features["features"]    float32 [32, feature_size]   one view of each caption's image
+        features["input_seqs"]  int64   [32, T]              (target_seqs and mask as make_dataset's)
+
+    Each image's record gives one example per caption; each example draws one of the image's views
+    at random when `training` (as the worker seeds TensorFlow), and view 0, the central crop, when
+    not. Files are read, shared between input pipelines, shuffled and batched as `make_dataset` does.
+    """
+    repeat = training if repeat is None else repeat
+    records = read_records(
+        files, training=training, seed=seed, repeat=repeat, input_context=input_context, cache=shard_cache_config
+    )
+
+    def captions_of(serialized: tf.Tensor) -> tf.data.Dataset:
+        _, views, captions = parse_feature_example(serialized, feature_size)
+        count = captions.nrows()
+        if training:
+            chosen = tf.random.uniform([count], 0, tf.shape(views, out_type=tf.int64)[0], dtype=tf.int64)
+        else:
+            chosen = tf.zeros([count], tf.int64)
+        return tf.data.Dataset.from_tensor_slices((tf.gather(views, chosen), captions))
+
+    examples = records.flat_map(captions_of)
+    if training and shuffle_buffer > 0:  # after flat_map: an image's captions part ways
+        examples = examples.shuffle(shuffle_buffer, seed=seed)
+
+    def to_example(features: tf.Tensor, caption_ids: tf.Tensor):
+        input_seq, target_seq, mask = caption_to_sequences(caption_ids)
+        return {"features": features, "input_seqs": input_seq}, target_seq, mask
+
+    return _batched(examples.map(to_example, num_parallel_calls=tf.data.AUTOTUNE), batch_size, training)
+
+
+def _batched(examples: tf.data.Dataset, batch_size: int, training: bool) -> tf.data.Dataset:
+    """Padded batches of (features, target_seqs, mask) examples, prefetched: training drops the
+    last partial batch and takes whichever element is ready first."""
     batches = examples.padded_batch(batch_size, drop_remainder=training)
     options = tf.data.Options()
     options.deterministic = not training  # training: take whichever element is ready first

@@ -35,7 +35,7 @@ from ray.train import UserCallback
 from schemas import progress, stores
 from schemas.config import Config, join_url
 from schemas.errors import ShowtellError
-from schemas.layout import FINAL_DIR, HISTORY_FILE, PREPROCESS_REPORT_FILE, STATE_FILE
+from schemas.layout import FEATURE_CACHE_FILE, FINAL_DIR, HISTORY_FILE, PREPROCESS_REPORT_FILE, STATE_FILE
 from schemas.vocabulary import WORD_COUNTS_FILE, parse_word_counts
 from trainer import checkpoints as ckpt
 from trainer.train_loop import MAX_MINUTES, TrainJob, train_loop_per_worker
@@ -93,6 +93,7 @@ def plan_phase(config: Config, phase: int) -> PhasePlan:
     if phase == 2:
         init_dir, init_fingerprint = _phase2_start(config, vocabulary_id)
     phase_dir = join_url(train_dir, ckpt.phase_name(phase))
+    cache = _feature_cache(config) if phase == 1 and phase_cfg.feature_cache.enabled else None
     job = TrainJob(
         config=config.model_dump(mode="json"),
         phase=phase,
@@ -105,8 +106,21 @@ def plan_phase(config: Config, phase: int) -> PhasePlan:
         init_dir=init_dir,
         init_fingerprint=init_fingerprint,
         deadline=_deadline(config, phase),
+        feature_cache_dir=config.feature_cache_dir if cache else None,
+        feature_size=cache["feature_size"] if cache else 0,
     )
     return PhasePlan(job=job, phase_dir=phase_dir, steps=phase_cfg.steps)
+
+
+def _feature_cache(config: Config) -> dict:
+    """The feature cache's cache.json, which phase 1 trains from when train.phase1.feature_cache is on."""
+    recorded = ckpt.read_json(join_url(config.feature_cache_dir, FEATURE_CACHE_FILE))
+    if recorded is None:
+        raise ShowtellError(
+            f"train.phase1.feature_cache is on, and {config.feature_cache_dir} holds no cache: "
+            "`showtell train --phase 1` and `showtell run` build it first"
+        )
+    return recorded
 
 
 def _deadline(config: Config, phase: int) -> Optional[float]:

@@ -153,8 +153,13 @@ class ShowAndTell(keras.Model):
     def initial_state(self, images: tf.Tensor, training: bool = False) -> list[tf.Tensor]:
         """The LSTM state [h, c] after the image embedding was fed once from a zero state."""
         features = self.encoder(images, training=training and self.encoder.trainable)
+        return self.initial_state_from_features(features, training=training)
+
+    def initial_state_from_features(self, features: tf.Tensor, training: bool = False) -> list[tf.Tensor]:
+        """`initial_state` from the encoder's pooled features [N, feature_size] (phase 1's feature
+        cache: pipelines/feature_cache.py) instead of images."""
         image_embeddings = self.image_embedding(features)
-        zero_state = self.lstm_cell.get_initial_state(batch_size=tf.shape(images)[0])
+        zero_state = self.lstm_cell.get_initial_state(batch_size=tf.shape(features)[0])
         _, state = self.lstm_cell(self.lstm_input_dropout(image_embeddings, training=training), zero_state)
         return state
 
@@ -164,8 +169,15 @@ class ShowAndTell(keras.Model):
         return self._word_logits(output, training=False), new_state
 
     def call(self, inputs: dict, training: bool = False) -> tf.Tensor:
-        """{"images": float32 [B, H, W, 3] in [-1, 1], "input_seqs": int [B, T]} -> logits [B, T, vocab]."""
-        state = self.initial_state(inputs["images"], training=training)
+        """{"images": float32 [B, H, W, 3] in [-1, 1], "input_seqs": int [B, T]} -> logits [B, T, vocab].
+
+        With "features" (float32 [B, feature_size], the frozen encoder's, cached) in place of
+        "images", the encoder is skipped: phase 1 from the feature cache.
+        """
+        if "features" in inputs:
+            state = self.initial_state_from_features(inputs["features"], training=training)
+        else:
+            state = self.initial_state(inputs["images"], training=training)
         lstm_inputs = self._lstm_inputs(inputs["input_seqs"], training=training)
         outputs = self.lstm(lstm_inputs, initial_state=state, training=training)
         return self._word_logits(outputs, training=training)

@@ -20,6 +20,9 @@ The helpers below it hold the details:
 - With `train.max_minutes`, after every step the workers all-reduce whether any is past the
   phase's deadline (set by the driver when the phase starts); once one is, all report that step
   with its checkpoint and stop, its state.json saying `stopped: max_minutes`.
+- With `train.phase1.feature_cache`, phase 1 reads the frozen encoder's cached features
+  (`pipelines.feature_cache`) instead of images; the model is the whole captioner all the same
+  (its encoder, frozen, holds the weights the features came from), so its checkpoints are.
 - Restore order: Ray's latest checkpoint of this phase (weights, optimizer, step, history; refused
   when it was trained on another vocabulary than the data's), else for phase 2 the published
   weights it starts from (phase 1's `final/`, or a warm start's `train/warm_start/`), else fresh.
@@ -70,6 +73,8 @@ class TrainJob:
     init_dir: Optional[str] = None  # phase 2: phase 1's final/ or train/warm_start/ (only when no checkpoint exists)
     init_fingerprint: Optional[str] = None  # phase 1's final weights fingerprint, to check the load
     deadline: Optional[float] = None  # train.max_minutes from the phase's start, as time.time(); None: no limit
+    feature_cache_dir: Optional[str] = None  # phase 1 from cached encoder features: `<run_root>/feature_cache`
+    feature_size: int = 0  # the cached features' width (the encoder's pooled output), with feature_cache_dir
 
     @functools.cached_property
     def cfg(self) -> Config:
@@ -197,12 +202,29 @@ def distributed_dataset(strategy, job: TrainJob, start_step: int):
     """Each worker reads its share of the train shards; per-replica batch = global batch / replicas.
 
     The shuffle seed mixes in the step a resumed run starts from, so a restart does not replay the
-    batches the lost run already saw.
+    batches the lost run already saw. With a feature cache, the cache's shards stand in for the
+    data's: batches of features instead of images (`trainer.inputs.make_feature_dataset`).
     """
-    from trainer.inputs import make_dataset, shard_files
+    from trainer.inputs import make_dataset, make_feature_dataset, shard_files
 
-    files = shard_files(job.data_dir, "train")
     seed = job.cfg.train.seed + start_step
+    if job.feature_cache_dir is not None:
+        cached = shard_files(job.feature_cache_dir, "train")
+
+        def feature_dataset_fn(input_context):
+            return make_feature_dataset(
+                cached,
+                feature_size=job.feature_size,
+                batch_size=input_context.get_per_replica_batch_size(job.global_batch),
+                training=True,
+                seed=seed,
+                shuffle_buffer=job.cfg.train.shuffle_buffer,
+                input_context=input_context,
+                shard_cache_config=job.cfg.train.shard_cache,
+            )
+
+        return strategy.distribute_datasets_from_function(feature_dataset_fn)
+    files = shard_files(job.data_dir, "train")
 
     def dataset_fn(input_context):
         return make_dataset(
