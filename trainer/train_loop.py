@@ -158,8 +158,18 @@ def setup_worker(job: TrainJob, rank: int) -> None:
 
     Each rank seeds its own image augmentation. Initial weights (and Keras' dropout seed state)
     are equal on every worker anyway: MultiWorkerMirroredStrategy broadcasts them from the chief.
+
+    TensorFlow's ops run on as many threads as the CPUs Ray gave the worker (1 unless
+    `ray.resources_per_worker` says more), not on every core of the machine: the input pipeline
+    has threads of its own, and a second worker shares the machine. On 2 cores the demo's phase 1
+    ran 1.6x faster so (benchmarks/train_bench.py --framework-tax).
     """
     import keras
+    import ray
+    import tensorflow as tf
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    tf.config.threading.set_intra_op_parallelism_threads(max(1, int(cpus)))
 
     policy = {"off": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[job.cfg.train.mixed_precision]
     keras.mixed_precision.set_global_policy(policy)
@@ -208,35 +218,22 @@ def distributed_dataset(strategy, job: TrainJob, start_step: int):
     from trainer.inputs import make_dataset, make_feature_dataset, shard_files
 
     seed = job.cfg.train.seed + start_step
-    if job.feature_cache_dir is not None:
-        cached = shard_files(job.feature_cache_dir, "train")
-
-        def feature_dataset_fn(input_context):
-            return make_feature_dataset(
-                cached,
-                feature_size=job.feature_size,
-                batch_size=input_context.get_per_replica_batch_size(job.global_batch),
-                training=True,
-                seed=seed,
-                shuffle_buffer=job.cfg.train.shuffle_buffer,
-                input_context=input_context,
-                shard_cache_config=job.cfg.train.shard_cache,
-            )
-
-        return strategy.distribute_datasets_from_function(feature_dataset_fn)
-    files = shard_files(job.data_dir, "train")
+    cached = job.feature_cache_dir is not None
+    files = shard_files(job.feature_cache_dir if cached else job.data_dir, "train")
 
     def dataset_fn(input_context):
+        common = {
+            "batch_size": input_context.get_per_replica_batch_size(job.global_batch),
+            "training": True,
+            "seed": seed,
+            "shuffle_buffer": job.cfg.train.shuffle_buffer,
+            "input_context": input_context,
+            "shard_cache_config": job.cfg.train.shard_cache,
+        }
+        if cached:
+            return make_feature_dataset(files, feature_size=job.feature_size, **common)
         return make_dataset(
-            files,
-            image_size=job.cfg.model.image_size,
-            batch_size=input_context.get_per_replica_batch_size(job.global_batch),
-            training=True,
-            seed=seed,
-            shuffle_buffer=job.cfg.train.shuffle_buffer,
-            input_context=input_context,
-            random_flip=job.cfg.train.random_flip,
-            shard_cache_config=job.cfg.train.shard_cache,
+            files, image_size=job.cfg.model.image_size, random_flip=job.cfg.train.random_flip, **common
         )
 
     return strategy.distribute_datasets_from_function(dataset_fn)
