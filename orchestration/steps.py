@@ -26,7 +26,8 @@ attempt is cleared before a fresh one. `orchestration.run` fingerprints keys + i
                   in    data/preprocess_report.json, data/word_counts.txt (and baseline.json when
                         train.init_from is `promoted`)
                   out   <run_root>/train/phase1/final/state.json (copied last into final/); when the run
-                        warm-starts (trainer/warm_start.py), no training: train/warm_start/state.json
+                        warm-starts (trainer/warm_start.py), no training: train/warm_start/state.json;
+                        with the feature cache on, also feature_cache/cache.json
     train-phase2  keys  train.phase2, TRAIN_KEYS, train.init_from, train.warm_start_steps (more of it, as
                         more train.phase2.steps, trains on)
                   in    the same, and phase 1's state.json (final/ or warm_start/: it holds the weights' fingerprint)
@@ -80,6 +81,7 @@ from schemas.layout import (
     EVAL_REPORT_FILE,
     EXPORT_DIR,
     EXPORT_METADATA_FILE,
+    FEATURE_CACHE_FILE,
     FINAL_DIR,
     PREPROCESS_REPORT_FILE,
     SAVED_MODEL_FILE,
@@ -165,6 +167,12 @@ def final_state(config: Config, phase: int) -> str:
     return join_url(config.train_dir, ckpt.phase_name(phase), FINAL_DIR, STATE_FILE)
 
 
+def feature_cache_files(config: Config) -> list[str]:
+    """Phase 1's feature cache's cache.json, when phase 1 trains from one (`showtell status` lists it)."""
+    cached = config.train.phase1.feature_cache.enabled and init_source(config) is None
+    return [join_url(config.feature_cache_dir, FEATURE_CACHE_FILE)] if cached else []
+
+
 def export_dir(config: Config) -> str:
     return join_url(config.run_root, EXPORT_DIR)
 
@@ -214,8 +222,7 @@ def train_phase(config: Config, phase: int) -> dict[str, Any]:
     from pipelines.feature_cache import ensure_feature_cache
     from trainer.launcher import run_phase
 
-    cached = phase == 1 and config.train.phase1.feature_cache.enabled and init_source(config) is None
-    cache = ensure_feature_cache(config) if cached else None
+    cache = ensure_feature_cache(config) if phase == 1 and feature_cache_files(config) else None
     summary = run_phase(config, phase)
     return {**summary, "feature_cache": cache} if cache else summary
 
@@ -362,7 +369,7 @@ def _training_step(phase: int) -> Step:
         f"train-phase{phase}",
         keys=_keys(f"train.phase{phase}", *TRAIN_KEYS, *WARM_START_KEYS[phase]),
         inputs=inputs,
-        outputs=lambda c: [phase_result(c, phase)],
+        outputs=lambda c: [phase_result(c, phase), *(feature_cache_files(c) if phase == 1 else [])],
         work=functools.partial(_train, phase),
         reset=functools.partial(_reset_phase, phase),
         extendable=(f"train.phase{phase}.steps",) + (("train.warm_start_steps",) if phase == 2 else ()),

@@ -20,16 +20,20 @@ from schemas.config import Config, Model, build_config
 from schemas.feature_records import decode_feature_example
 from schemas.records import decode_sequence_example
 from schemas.tfrecord import read_records
-from tests.test_train import MODEL, WorkerKiller, _config_file, _final, _history, _train, preprocess_sample
+from tests.test_train import (  # noqa: F401 - _fast_ray_polls: an autouse fixture, for this module too
+    MODEL,
+    WorkerKiller,
+    _config_file,
+    _fast_ray_polls,
+    _final,
+    _history,
+    _train,
+    preprocess_sample,
+)
 
 pytestmark = pytest.mark.slow
 
 VIEWS = 3
-
-
-@pytest.fixture(autouse=True)
-def _fast_ray_polls(monkeypatch):
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +288,19 @@ def test_phase1_from_the_cache_resumes_after_a_worker_is_killed_and_phase2_fine_
     loaded = ckpt.build_inference_model(model_cfg, (_final(run_root, 1) / "word_counts.txt").read_text())
     loaded.load_weights(str(_final(run_root, 1) / "model.weights.h5"))
     assert ckpt.weights_fingerprint(loaded.encoder) == ckpt.weights_fingerprint(build_encoder(model_cfg))
+
+
+@pytest.mark.parametrize("enabled, init_from", [(True, "none"), (False, "none"), (True, "/models/a/final")])
+def test_status_lists_the_cache_among_train_phase1s_outputs_when_phase1_trains_from_it(
+    tmp_path, weights, enabled, init_from
+):
+    from orchestration.run import step_status
+
+    config = _cache_config(tmp_path / "run", weights["a"])
+    config.train.phase1.feature_cache.enabled = enabled
+    config.train.init_from = init_from  # a warm start trains no phase 1, so builds no cache
+
+    rows = {row.name: row for row in step_status(config)}
+
+    cache_json = str(tmp_path / "run" / "feature_cache" / "cache.json")
+    assert ((cache_json, False) in rows["train-phase1"].outputs) is (enabled and init_from == "none")
