@@ -21,6 +21,19 @@ Prints figures only (nothing is asserted):
   reports; the demo's own budget is 1000 + 200).
 - --gpu: images/s per GPU for both phases with Inception v3 at 299x299, batch 32, 1 worker
   (im2txt's anchor: 0.7 s a step at batch 32 on a K20, ~46 images/s).
+- --feature-cache: phase 1's examples/s from images and from the feature cache
+  (`train.phase1.feature_cache`), side by side, for Inception v3 at 299 (batch 32, 512-unit LSTM;
+  random weights the benchmark saves, as none can be downloaded here) and for the demo's model,
+  each on 1 Ray worker over the demo's sample data; the cache's build time and bytes per image
+  (cache.json); the projection to MSCOCO (cache size, build time, phase 1 on one GPU), with its
+  arithmetic. Goal: the cache >= 10x for Inception v3.
+- --framework-tax: showtell's phase-1 step (a Ray Train worker, MultiWorkerMirroredStrategy with
+  1 worker, the custom loop, its reports and checkpoints: history.jsonl's examples/s) against a
+  bare single-process `tf.function` step of the same model on the same input pipeline and batch
+  (the demo's model, from images and from the cache). Goal: >= 0.9x.
+- --quality: validation perplexity after phase 1 from images and from the cache at the same
+  steps (the demo's config; its encoder first pretrained, then frozen for both, as weights file).
+  Goal: the cache's within 5% of the images'.
 """
 
 from __future__ import annotations
@@ -40,6 +53,9 @@ from typing import Iterator, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "benchmarks")]
+
+import phase1_cache  # noqa: E402 - benchmarks/ is on the path from the line above
+
 SHOWTELL = Path(sys.executable).parent / "showtell"
 
 COCO_LIKE_IMAGES = 400  # distinct 640x480 JPEGs in the input-pipeline benchmark
@@ -140,20 +156,6 @@ def time_input(data: str, seconds: float, cache_bytes: Optional[int] = None) -> 
     return json.loads(lines[-1])
 
 
-def run_step(args: list[str], log: Path) -> None:
-    with log.open("ab") as handle:
-        result = subprocess.run([str(SHOWTELL), *args], cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT)
-    if result.returncode:
-        sys.exit(f"showtell {' '.join(args)} failed; see {log}")
-
-
-def examples_per_second(history: Path) -> float:
-    """Mean examples/s over a phase's reports, the first (warm-up) excluded."""
-    reports = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
-    rates = [r["examples_per_sec"] for r in reports[1:]] or [reports[0]["examples_per_sec"]]
-    return sum(rates) / len(rates)
-
-
 def training_examples_per_second(workdir: Path, overrides: Sequence[str], workers: int) -> dict[str, float]:
     """Runs download, preprocess and both phases on the demo config; examples/s per phase."""
     run_root = workdir / f"run-{workers}w"
@@ -161,11 +163,12 @@ def training_examples_per_second(workdir: Path, overrides: Sequence[str], worker
     config = ["--config", str(REPO_ROOT / "configs" / "local.yaml"), *(arg for s in sets for arg in ("--set", s))]
     log = workdir / f"train-{workers}w.log"
     for step in (["download"], ["preprocess"]):
-        run_step([*step, *config], log)
+        phase1_cache.run_step([*step, *config], log)
     rates = {}
     for phase in (1, 2):
-        run_step(["train", "--phase", str(phase), *config], log)
-        rates[f"phase {phase}"] = examples_per_second(run_root / "train" / f"phase{phase}" / "history.jsonl")
+        phase1_cache.run_step(["train", "--phase", str(phase), *config], log)
+        history = run_root / "train" / f"phase{phase}" / "history.jsonl"
+        rates[f"phase {phase}"] = phase1_cache.examples_per_second(history)
     return rates
 
 
@@ -180,11 +183,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--store", choices=["local", "s3"], default="local",
         help="local: the input pipeline over local disk; s3: also over an S3 server (moto) on 127.0.0.1, side by side",
     )  # fmt: skip
+    parser.add_argument("--feature-cache", action="store_true", help="phase 1 from images vs from the cache")
+    parser.add_argument("--framework-tax", action="store_true", help="showtell's phase-1 step vs a bare one")
+    parser.add_argument("--quality", action="store_true", help="val perplexity, from images vs from the cache")
+    parser.add_argument("--cache-steps", type=int, default=100, help="phase 1 steps per run from images (x5 cached)")
     parser.add_argument("--cache-shards", type=int, default=6, help="--store s3: the cache's bound, in largest shards")
     parser.add_argument("--repeats", type=int, default=3, help="--store s3: local/S3 timing pairs, alternated")
     # Internal: time the input pipeline over these shards in a process of its own (it pins itself to one core).
     parser.add_argument("--input-only", help=argparse.SUPPRESS)
     parser.add_argument("--cache-bytes", type=int, help=argparse.SUPPRESS)
+    # Internal: a bare tf.function training step over a run root's data, in a process of its own.
+    parser.add_argument("--bare-step", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -216,8 +225,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         rate = input_images_per_second(args.input_only, 299, 32, args.input_seconds, args.cache_bytes)
         print(json.dumps({"images_per_second": rate, "cache_high_water_bytes": process_high_water_bytes()}))
         return 0
+    if args.bare_step:
+        print(json.dumps(phase1_cache.bare_step_rate(json.loads(args.bare_step))))
+        return 0
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="showtell-train-bench-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.feature_cache or args.framework_tax or args.quality:
+        bench = phase1_cache.Phase1Bench(workdir, args.cache_steps, __file__)
+        if args.feature_cache:
+            bench.feature_cache_speed()
+        if args.framework_tax:
+            bench.framework_tax()
+        if args.quality:
+            bench.quality()
+        return 0
     if args.gpu:
         overrides = [*GPU_OVERRIDES, *step_overrides(args.steps)]
         for phase, rate in training_examples_per_second(workdir, overrides, workers=1).items():
