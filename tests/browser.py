@@ -23,7 +23,9 @@ import base64
 import contextlib
 import dataclasses
 import io
+import os
 import re
+import signal
 import subprocess
 import tempfile
 import time
@@ -59,7 +61,7 @@ class Screenshot:
 def screenshot(page: str, out: Path, width: int = 1200, height: int = 1600) -> Screenshot:
     """Renders `page` (a URL) at `width` x `height` into the PNG `out`, with its console's lines."""
     with tempfile.TemporaryDirectory(prefix="showtell-chromium-") as profile:
-        done = subprocess.run(
+        browser = subprocess.Popen(
             [
                 CHROMIUM,
                 *QUIET_FLAGS,
@@ -70,12 +72,18 @@ def screenshot(page: str, out: Path, width: int = 1200, height: int = 1600) -> S
                 f"--window-size={width},{height}",
                 page,
             ],
-            check=True,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=120,
+            start_new_session=True,
         )
-    console = [match.group(1) for line in done.stderr.splitlines() if (match := CONSOLE_LINE.search(line))]
+        try:
+            _, stderr = browser.communicate(timeout=120)
+        finally:
+            _end_process_group(browser)
+        if browser.returncode != 0:
+            raise subprocess.CalledProcessError(browser.returncode, browser.args, stderr=stderr)
+    console = [match.group(1) for line in stderr.splitlines() if (match := CONSOLE_LINE.search(line))]
     return Screenshot(Image.open(out).convert("RGB"), console)
 
 
@@ -188,6 +196,7 @@ async def devtools_page(width: int = 1200, height: int = 1600) -> AsyncIterator[
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
+                start_new_session=True,
             )
         try:
             address = await _devtools_address(browser, stderr_path)
@@ -198,8 +207,33 @@ async def devtools_page(width: int = 1200, height: int = 1600) -> AsyncIterator[
                 async with session.ws_connect(tab["webSocketDebuggerUrl"], max_msg_size=0) as socket:
                     yield DevToolsPage(socket)
         finally:
-            browser.terminate()
-            browser.wait(timeout=30)
+            _end_process_group(browser)
+
+
+def _end_process_group(browser: subprocess.Popen, within_s: float = 30.0) -> None:
+    """Ends Chromium and every process it started (renderers, utility processes, crashpad), which
+    share its process group, and waits until none of them runs: a renderer still writing into the
+    profile makes removing the profile fail ("Directory not empty")."""
+    group = browser.pid  # start_new_session=True: Chromium leads its own group
+    for sig, wait_s in ((signal.SIGTERM, within_s), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, sig)
+        deadline = time.monotonic() + wait_s
+        while (browser.poll() is None or _running_in_group(group)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if browser.poll() is not None and not _running_in_group(group):
+            return
+
+
+def _running_in_group(group: int) -> bool:
+    """Whether a process of process group `group` still runs (zombies, waiting to be reaped, do not)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses, so split after its last ')'
+            state, _, pgrp = stat.read_text().rpartition(")")[2].split()[:3]
+            if int(pgrp) == group and state != "Z":
+                return True
+    return False
 
 
 async def _devtools_address(browser: subprocess.Popen, stderr_path: Path) -> str:
