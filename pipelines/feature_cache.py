@@ -14,9 +14,9 @@ why; training never reads a cache whose shards are not the ones written.
 Each train image gets `views` feature rows: its central crop (evaluation's preprocessing), then
 `views - 1` crops, flips and colour distortions drawn by im2txt's training augmentation from
 the seed (`feature_cache.seed`, image id, view): the same key, the same features. Val images get
-the central crop only (evaluation never augments). The records (schemas/feature_records.py) hold
-each image once, with all of its captions, so a cache is about `views` x 2048 x 4 bytes an image
-for Inception v3, not a copy per caption.
+the central crop only (evaluation never augments); no reader uses them yet. The records
+(schemas/feature_records.py) hold each image once, with all of its captions, so a cache is about
+`views` x 2048 x 4 bytes an image for Inception v3, not a copy per caption.
 
 Why Beam and not Ray Data: the cache is a batch job over the preprocessed shards, beside the
 preprocessing and evaluation pipelines, which are Beam; it runs on the same runners from the same
@@ -57,7 +57,9 @@ from schemas.tfrecord import read_records, write_records
 
 log = logging.getLogger("showtell.feature_cache")
 
-SPLITS = ("train", "val")  # phase 1 trains on train; val is the split its validation perplexity reads
+# Phase 1 trains on train. val is the split validation reads; nothing reads the cache's val shards
+# yet: evaluation's perplexity reads val's images (its checkpoints' encoders may have trained).
+SPLITS = ("train", "val")
 # Bumped when the augmentation's code changes what a seed gives (trainer/inputs.py's preprocess_image).
 AUGMENTATION_VERSION = 1
 COUNTS_FILE = "counts.json"  # the pipeline's tallies, read and removed by the runner
